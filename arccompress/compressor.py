@@ -213,6 +213,8 @@ class Compressor:
                 raise TypeError(f"text{where} must be a str, not {type(text).__name__}")
             if not text:
                 raise ValueError(f"text{where} is empty; there is nothing to compress")
+        if not items:
+            return []
         ids = self.tokenize(list(items))
         for i, seq in enumerate(ids):
             if not seq:

@@ -1,0 +1,282 @@
+"""Compressor behaviour on tiny checkpoints built in fixtures: loading, batching, chunking, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from arccompress import CheckpointError, CompressedContext, Compressor
+
+TEXTS = [
+    "Short one.",
+    "A somewhat longer text that spans more than a few pooling groups of eight tokens each, surely.",
+    "x",
+    "Twelve bytes",
+    "Paris is the capital of France. " * 9,
+]
+
+
+@pytest.fixture(scope="module")
+def comp(tiny_dir) -> Compressor:
+    return Compressor.from_pretrained(tiny_dir / "hub")
+
+
+def test_str_gives_one_list_gives_list_in_order(comp):
+    one = comp.compress(TEXTS[1])
+    assert isinstance(one, CompressedContext)
+    many = comp.compress(TEXTS)
+    assert [c.text for c in many] == TEXTS
+    assert comp.compress([]) == []
+    lengths = [len(t.encode()) for t in TEXTS]  # byte-level tokenizer: one token per byte
+    assert [c.num_tokens for c in many] == lengths
+    assert [c.num_embeddings for c in many] == [max(1, -(-n // 8)) + 1 for n in lengths]
+
+
+def test_context_fields_and_repr(comp):
+    ctx = comp.compress(TEXTS[1])
+    assert ctx.embeddings.shape == (ctx.num_embeddings, comp.decoder_hidden_size)
+    assert ctx.embeddings.device == comp.device and ctx.dtype == comp.dtype == torch.float32
+    assert ctx.compression_ratio == pytest.approx(ctx.num_tokens / ctx.num_embeddings)
+    assert ctx.encoder == str(comp.name) and ctx.decoder_index == 0 and ctx.chunk_size is None
+    assert ctx.pooling_factor == 8 and ctx.encoder_fingerprint == comp.fingerprint
+    assert "embeddings" in repr(ctx) and "ratio" in repr(ctx)
+    assert "pooling_factor=8" in repr(comp)
+
+
+def test_batch_invariance(comp):
+    alone = [comp.compress(t).embeddings for t in TEXTS]
+    for batch_size, budget in ((64, 16384), (2, 16384), (64, 200)):
+        batched = comp.compress(TEXTS, batch_size=batch_size, max_tokens_per_batch=budget)
+        for a, b in zip(alone, batched):
+            assert (a - b.embeddings).abs().max().item() <= 1e-5
+
+
+def test_result_does_not_depend_on_neighbours(comp):
+    text = TEXTS[1]
+    base = comp.compress(text).embeddings
+    for others in (["a" * 300], ["b"], ["c" * 97, "d" * 5]):
+        got = comp.compress(others + [text])[-1].embeddings
+        assert (got - base).abs().max().item() <= 1e-5
+
+
+def test_chunking_concatenates_chunks_then_one_cont(comp):
+    ids = comp.tokenize([TEXTS[4]])[0]
+    chunk = 40
+    ctx = comp.compress_ids(ids, chunk_size=chunk)
+    with torch.inference_mode():
+        pooled = comp.encode_sequences([ids[i:i + chunk] for i in range(0, len(ids), chunk)], 64, 10_000)
+        expected = comp.model.project(torch.cat(pooled + [comp.model.cont_vector(0)]), 0)
+    assert ctx.num_embeddings == sum(-(-len(ids[i:i + chunk]) // 8) for i in range(0, len(ids), chunk)) + 1
+    assert torch.allclose(ctx.embeddings, expected, atol=1e-6)
+    assert ctx.chunk_size == chunk
+    # chunks at least as long as the text change nothing
+    whole = comp.compress_ids(ids).embeddings
+    assert torch.allclose(comp.compress_ids(ids, chunk_size=len(ids)).embeddings, whole, atol=1e-6)
+    # many texts chunked together equal each alone
+    both = comp.compress([TEXTS[4], TEXTS[1]], chunk_size=16)
+    assert torch.allclose(both[0].embeddings, comp.compress(TEXTS[4], chunk_size=16).embeddings, atol=1e-5)
+
+
+def test_compress_ids_matches_compress(comp):
+    ids = comp.tokenize(TEXTS)
+    by_ids = comp.compress_ids(ids)
+    by_text = comp.compress(TEXTS)
+    for a, b in zip(by_ids, by_text):
+        assert torch.equal(a.embeddings, b.embeddings) and a.text is None
+    assert isinstance(comp.compress_ids(ids[0]), CompressedContext)
+    assert isinstance(comp.compress_ids(torch.tensor(ids[0])), CompressedContext)
+
+
+def test_bad_inputs_raise_clear_errors_and_leave_compressor_usable(comp):
+    before = comp.compress(TEXTS[0]).embeddings
+    with pytest.raises(ValueError, match="empty"):
+        comp.compress("")
+    with pytest.raises(ValueError, match="index 1"):
+        comp.compress(["fine", ""])
+    with pytest.raises(TypeError, match="index 1.*int"):
+        comp.compress(["fine", 3])
+    with pytest.raises(TypeError):
+        comp.compress(42)
+    with pytest.raises(ValueError, match="outside the encoder vocabulary"):
+        comp.compress_ids([1, 2, comp.model.config.vocab_size])
+    with pytest.raises(ValueError, match="outside"):
+        comp.compress_ids([[5, 6], [-1]])
+    with pytest.raises(ValueError, match="empty"):
+        comp.compress_ids([[5, 6], []])
+    with pytest.raises(TypeError, match="ints"):
+        comp.compress_ids([1.5, 2])
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="chunk_size"):
+            comp.compress("text", chunk_size=bad)
+    with pytest.raises(TypeError, match="chunk_size"):
+        comp.compress("text", chunk_size=2.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        comp.compress("text", batch_size=0)
+    assert torch.equal(comp.compress(TEXTS[0]).embeddings, before)
+
+
+def test_both_layouts_and_shards_load_the_same_weights(tiny_dir, comp):
+    research = Compressor.from_pretrained(tiny_dir / "research")
+    sharded = Compressor.from_pretrained(tiny_dir / "sharded")
+    ref = comp.compress(TEXTS[1]).embeddings
+    assert torch.equal(research.compress(TEXTS[1]).embeddings, ref)
+    assert torch.equal(sharded.compress(TEXTS[1]).embeddings, ref)
+    assert research.checkpoint.layout == "research" and comp.checkpoint.layout == "hub"
+
+
+def test_research_layout_needs_backbone_params(tiny_dir, tmp_path):
+    target = tmp_path / "research"
+    shutil.copytree(tiny_dir / "research", target)
+    backbone = target / "backbone" / "params.json"
+    moved = tmp_path / "llama-3.2-3b-params.json"
+    backbone.rename(moved)
+    with pytest.raises(FileNotFoundError, match="backbone_params"):
+        Compressor.from_pretrained(target)
+    loaded = Compressor.from_pretrained(target, backbone_params=moved)
+    as_dict = Compressor.from_pretrained(target, backbone_params=json.loads(moved.read_text()))
+    assert loaded.model.config == as_dict.model.config
+    assert loaded.model.config.hidden_dim == 192  # derived from multiple_of and ffn_dim_multiplier
+
+
+def test_two_head_encoder_needs_a_choice(tiny_dir):
+    open_choice = Compressor.from_pretrained(tiny_dir / "multi")
+    assert open_choice.decoder_index is None and open_choice.num_decoders == 2
+    with pytest.raises(ValueError, match="decoder heads"):
+        open_choice.compress("text")
+    open_choice.select_decoder("llama")
+    llama = open_choice.compress("some text here")
+    assert llama.decoder_index == 0
+    mistral = Compressor.from_pretrained(tiny_dir / "multi", decoder="mistral").compress("some text here")
+    assert mistral.decoder_index == 1
+    assert not torch.allclose(llama.embeddings, mistral.embeddings)
+    assert torch.equal(Compressor.from_pretrained(tiny_dir / "multi", decoder=1).compress("some text here").embeddings,
+                       mistral.embeddings)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Compressor.from_pretrained(tiny_dir / "multi", decoder=2)
+    with pytest.raises(ValueError, match="choices"):
+        Compressor.from_pretrained(tiny_dir / "multi", decoder="gpt")
+    with pytest.raises(ValueError, match="out of range"):
+        Compressor.from_pretrained(tiny_dir / "hub", decoder=1)
+
+
+def test_dtypes(tiny_dir):
+    bf16 = Compressor.from_pretrained(tiny_dir / "hub", dtype=torch.bfloat16)
+    f32 = Compressor.from_pretrained(tiny_dir / "hub", dtype="float32")
+    a, b = bf16.compress(TEXTS[1]), f32.compress(TEXTS[1])
+    assert a.dtype == torch.bfloat16 and b.dtype == torch.float32
+    rel = (a.embeddings.float() - b.embeddings).norm() / b.embeddings.norm()
+    assert rel < 3e-2
+    with pytest.raises(ValueError, match="dtype"):
+        Compressor.from_pretrained(tiny_dir / "hub", dtype=torch.int8)
+
+
+# ----------------------------------------------------------------------------- broken checkpoints
+
+
+@pytest.fixture
+def hub_copy(tiny_dir, tmp_path):
+    target = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir / "hub", target)
+    return target
+
+
+def test_missing_directory_and_offline_hub_id(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        Compressor.from_pretrained(tmp_path / "nothing-here")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="kyutai/ARC8_Encoder_Mistral.*not in the Hugging Face cache"):
+        Compressor.from_pretrained("kyutai/ARC8_Encoder_Mistral", local_files_only=True)
+
+
+def test_truncated_safetensors(hub_copy):
+    weights = hub_copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Compressor.from_pretrained(hub_copy)
+
+
+def test_unreadable_config(hub_copy):
+    (hub_copy / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        Compressor.from_pretrained(hub_copy)
+    (hub_copy / "config.json").write_text(json.dumps({"model_args": {}}))
+    with pytest.raises(CheckpointError, match="embedder_args"):
+        Compressor.from_pretrained(hub_copy)
+
+
+def test_missing_unexpected_and_misshaped_tensors(hub_copy):
+    file = hub_copy / "model.safetensors"
+    original = load_file(file)
+    tensors = dict(original)
+    del tensors["embedder.layers.1.attention.wq.weight"]
+    save_file(tensors, file)
+    with pytest.raises(CheckpointError, match=r"missing tensor 'layers\.1\.attention\.wq\.weight'"):
+        Compressor.from_pretrained(hub_copy)
+    tensors = dict(original)
+    tensors["embedder.layers.0.feed_forward.w1.weight"] = torch.zeros(3, 3)
+    save_file(tensors, file)
+    with pytest.raises(CheckpointError, match=r"feed_forward\.w1\.weight.*model\.safetensors.*\[3, 3\]"):
+        Compressor.from_pretrained(hub_copy)
+    tensors = dict(original)
+    tensors["embedder.layers.7.attention.wq.weight"] = torch.zeros(3, 3)
+    save_file(tensors, file)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'embedder\.layers\.7"):
+        Compressor.from_pretrained(hub_copy)
+
+
+def test_pickle_only_checkpoint_is_refused(hub_copy):
+    (hub_copy / "model.safetensors").unlink()
+    (hub_copy / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        Compressor.from_pretrained(hub_copy)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("embedder_args", "causal_embedder", True, "causal"),
+        ("embedder_args", "memory_tokens", 8, "memory tokens"),
+        ("embedder_args", "pooling_module", {"pool_type": "metric_cosine", "where": "before"}, "pool_type"),
+        ("embedder_args", "pooling_module", {"pool_type": "mean_pooled_queries", "where": "between"}, "where"),
+        ("embedder_args", "compress_rates", [4], "compress_rates"),
+        ("bridge_args", "bridge_type", "rms", "bridge_type"),
+    ],
+)
+def test_unsupported_configurations_are_refused(hub_copy, section, key, value, message):
+    cfg = json.loads((hub_copy / "config.json").read_text())
+    cfg[section][key] = value
+    (hub_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"unsupported.*{message}"):
+        Compressor.from_pretrained(hub_copy)
+
+
+def test_other_pooling_factor_is_computed(hub_copy):
+    cfg = json.loads((hub_copy / "config.json").read_text())
+    cfg["embedder_args"]["compress_rates"] = [-4]
+    (hub_copy / "config.json").write_text(json.dumps(cfg))
+    comp = Compressor.from_pretrained(hub_copy)
+    assert comp.pooling_factor == 4
+    assert comp.compress("x" * 21).num_embeddings == 6 + 1
+
+
+def test_tokenizer_argument(tiny_dir, hub_copy):
+    from arccompress.tiny import byte_level_tokenizer
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (hub_copy / f).unlink()
+    comp = Compressor.from_pretrained(hub_copy, tokenizer=byte_level_tokenizer())
+    assert comp.compress("abc").num_tokens == 3
+    comp = Compressor.from_pretrained(hub_copy, tokenizer=tiny_dir / "hub")
+    assert comp.compress("abc").num_tokens == 3
+    with pytest.raises(TypeError, match="tokenizer"):
+        Compressor.from_pretrained(hub_copy, tokenizer=123)
+
+
+def test_progress_bar_runs(comp, capsys):
+    comp.compress(TEXTS, show_progress_bar=True, batch_size=2)
+    assert "compress" in capsys.readouterr().err

@@ -1,0 +1,75 @@
+"""Parity with the reference implementation on ../shared/golden: token ids and compressed embeddings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arccompress import Compressor
+
+from .conftest import GOLDEN
+
+CASES = []  # (case, layout): every golden case in the hub layout, and in the research layout where there is one
+if GOLDEN is not None:
+    import json
+
+    _data = json.loads((GOLDEN / "golden.json").read_text())
+    for _c in _data["compress"]:
+        for _layout in ("hub", "research"):
+            if _layout == "hub" or "research_layout" in _data["encoders"][_c["encoder"]]:
+                CASES.append((_c, _layout))
+
+
+def case_id(c: dict, layout: str) -> str:
+    return f"{c['encoder']}-{layout}-head{c['decoder_index']}-chunk{c['chunk_size']}-{c['text_key']}"
+
+
+@pytest.fixture(scope="module")
+def compressors(golden, llama3_tokenizer):
+    """(encoder, layout, head) -> Compressor; the research layout for encoders that have one."""
+    out = {}
+    for name, enc in golden["encoders"].items():
+        for head in range(enc["n_decoders"]):
+            out[name, "hub", head] = Compressor.from_pretrained(
+                golden["root"] / enc["hub_layout"], tokenizer=llama3_tokenizer, decoder=head, device="cpu"
+            )
+            if "research_layout" in enc:
+                out[name, "research", head] = Compressor.from_pretrained(
+                    golden["root"] / enc["research_layout"], tokenizer=llama3_tokenizer, decoder=head, device="cpu",
+                    backbone_params=golden["root"] / enc["research_backbone_params"],
+                )
+    return out
+
+
+@pytest.mark.parametrize(("case", "layout"), CASES, ids=[case_id(*c) for c in CASES])
+def test_embeddings_match_reference(case, layout, compressors, golden):
+    comp = compressors[case["encoder"], layout, case["decoder_index"]]
+    assert comp.tokenize([case["text"]])[0] == case["token_ids"]
+    ctx = comp.compress(case["text"], chunk_size=case["chunk_size"])
+    expected = torch.tensor(case["embeddings"])
+    assert tuple(ctx.embeddings.shape) == tuple(case["shape"])
+    assert ctx.num_tokens == case["num_tokens"]
+    diff = (ctx.embeddings - expected).abs().max().item()
+    assert diff <= golden["tolerances"]["embeddings_max_abs"], f"max abs diff {diff:.3e}"
+
+
+def test_whole_golden_set_in_one_batch_matches(compressors, golden):
+    """All golden texts of one encoder head compressed together give the reference's numbers too."""
+    for (name, layout, head), comp in compressors.items():
+        for chunk in (None, 64):
+            cases = [c for c in golden["compress"] if c["encoder"] == name and c["decoder_index"] == head
+                     and c["chunk_size"] == chunk]
+            if not cases:
+                continue
+            ctxs = comp.compress([c["text"] for c in cases], chunk_size=chunk, batch_size=3)
+            for c, ctx in zip(cases, ctxs):
+                diff = (ctx.embeddings - torch.tensor(c["embeddings"])).abs().max().item()
+                assert diff <= golden["tolerances"]["embeddings_max_abs"], (name, layout, head, c["text_key"], diff)
+
+
+def test_golden_sizes_are_reported(compressors, golden):
+    for (name, _, _), comp in compressors.items():
+        enc = golden["encoders"][name]
+        assert comp.num_decoders == enc["n_decoders"]
+        assert comp.decoder_hidden_size == enc["decoder_hidden_size"]
+        assert comp.pooling_factor == enc["pooling_factor"]
