@@ -3,6 +3,7 @@
 from .checkpoint import CheckpointError
 from .compressor import Compressor
 from .context import CompressedContext
+from .store import ContextStore, StoreError
 from .generation import ContextText, Generator, PromptSavings, fewshot_qa_prompt
 
 __version__ = "0.1.0"
@@ -10,9 +11,11 @@ __all__ = [
     "CheckpointError",
     "CompressedContext",
     "Compressor",
+    "ContextStore",
     "ContextText",
     "Generator",
     "PromptSavings",
+    "StoreError",
     "fewshot_qa_prompt",
     "__version__",
 ]

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "arccompress-context"
 
 
 @dataclass(eq=False)
@@ -45,6 +52,72 @@ class CompressedContext:
     @property
     def dtype(self) -> torch.dtype:
         return self.embeddings.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the embeddings take in their current dtype."""
+        return self.embeddings.numel() * self.embeddings.element_size()
+
+    def metadata(self, include_text: bool = False) -> dict[str, str]:
+        """What identifies this context and what made it, as strings (safetensors metadata)."""
+        from . import __version__
+
+        meta = {
+            "format": FORMAT,
+            "encoder": self.encoder,
+            "encoder_fingerprint": self.encoder_fingerprint or "",
+            "decoder_index": str(self.decoder_index),
+            "pooling_factor": str(self.pooling_factor),
+            "chunk_size": "" if self.chunk_size is None else str(self.chunk_size),
+            "num_tokens": str(self.num_tokens),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "arccompress_version": __version__,
+        }
+        if self.text is not None:
+            data = self.text.encode("utf-8")
+            meta |= {"text_sha256": hashlib.sha256(data).hexdigest(), "text_bytes": str(len(data))}
+            if include_text:
+                meta["text"] = self.text
+        return meta
+
+    @classmethod
+    def from_metadata(cls, embeddings: torch.Tensor, meta: dict[str, str]) -> CompressedContext:
+        return cls(
+            embeddings=embeddings,
+            num_tokens=int(meta["num_tokens"]),
+            encoder=meta["encoder"],
+            decoder_index=int(meta["decoder_index"]),
+            pooling_factor=int(meta["pooling_factor"]),
+            chunk_size=int(meta["chunk_size"]) if meta.get("chunk_size") else None,
+            text=meta.get("text"),
+            encoder_fingerprint=meta.get("encoder_fingerprint") or None,
+        )
+
+    def save(self, path: str | Path, *, dtype: torch.dtype | None = None, include_text: bool = False) -> None:
+        """Write the embeddings (cast to `dtype` if given) and metadata to one safetensors file."""
+        ctx = self if dtype is None else self.to(dtype=dtype)
+        save_file({"embeddings": ctx.embeddings.detach().cpu().contiguous()}, str(path),
+                  metadata=ctx.metadata(include_text))
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> CompressedContext:
+        """Read a context written by `save`; `dtype` casts it (default: as stored)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no compressed context at {path}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{path}: not an arccompress context file")
+                emb = f.get_tensor("embeddings")
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        return cls.from_metadata(emb.to(device=device, dtype=dtype), meta)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CompressedContext:
         """A copy with the embeddings moved or cast; the metadata is kept."""

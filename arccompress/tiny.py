@@ -197,3 +197,14 @@ def build_tiny_decoder(
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_tiny_pair(root: str | Path) -> tuple[Path, Path]:
+    """A tiny encoder (hub layout) and a tiny Llama-architecture decoder it fits, under `root`."""
+    root = Path(root)
+    encoder, decoder = root / "tiny-arc-encoder", root / "tiny-decoder"
+    if not (encoder / "config.json").is_file():
+        build_tiny_encoder(encoder)
+    if not (decoder / "config.json").is_file():
+        build_tiny_decoder(decoder)
+    return encoder, decoder
