@@ -336,17 +336,10 @@ class Compressor:
     ) -> list[torch.Tensor]:
         """Pooled encoder vectors, (ceil(n / factor), C), for each token sequence, in the given order.
 
-        Sequences are sorted by length and packed into padded batches of at most `batch_size` rows and
-        `max_tokens_per_batch` padded tokens (a longer sequence goes alone); a CUDA out-of-memory error
-        splits the batch in two and retries, which gives the same numbers.
+        Batches come from `plan_batches` (length-sorted, token budget, padding at most 5%); a CUDA
+        out-of-memory error splits the batch in two and retries, which gives the same numbers.
         """
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-        batches: list[list[int]] = []
-        for i in order:
-            if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * len(sequences[batches[-1][0]]) <= max_tokens_per_batch:
-                batches[-1].append(i)
-            else:
-                batches.append([i])
+        batches = plan_batches([len(s) for s in sequences], batch_size, max_tokens_per_batch)
         out: list[torch.Tensor | None] = [None] * len(sequences)
         with tqdm(total=sum(map(len, sequences)), unit="tok", desc="compress", disable=not show_progress_bar) as bar:
             for batch in batches:
@@ -357,23 +350,51 @@ class Compressor:
 
     def _encode_batch(self, seqs: list[list[int]]) -> list[torch.Tensor]:
         device = self.device
-        T = len(seqs[0])  # sorted: the first is the longest
         try:
-            ids = torch.zeros(len(seqs), T, dtype=torch.long)
-            for row, seq in enumerate(seqs):
-                ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            ids = torch.tensor([t for seq in seqs for t in seq], dtype=torch.long)  # packed (N,)
             lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
             pooled, counts = self.model(ids.to(device, non_blocking=True), lengths.to(device, non_blocking=True))
-            return [pooled[row, :m] for row, m in enumerate(counts.tolist())]
+            return list(pooled.split(counts.tolist()))
         except torch.OutOfMemoryError:
             if len(seqs) == 1:
                 raise torch.OutOfMemoryError(
-                    f"out of memory compressing one sequence of {T} tokens: use chunk_size= to bound memory"
+                    f"out of memory compressing one sequence of {len(seqs[0])} tokens: use chunk_size= to bound memory"
                 ) from None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             half = len(seqs) // 2
             return self._encode_batch(seqs[:half]) + self._encode_batch(seqs[half:])
+
+
+def plan_batches(
+    lengths: list[int], batch_size: int, max_tokens_per_batch: int, max_padding: float = 0.05
+) -> list[list[int]]:
+    """Group sequence indices into padded batches, longest first.
+
+    A batch holds at most `batch_size` sequences and `max_tokens_per_batch` tokens once padded to its
+    longest (a longer sequence goes alone), and its padding stays at most `max_padding` of its padded
+    size: sorting by length makes neighbours similar, the padding bound cuts where they stop being so.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    real = 0
+    for i in order:
+        if batches:
+            rows, longest = len(batches[-1]) + 1, lengths[batches[-1][0]]
+            padded = rows * longest
+            if rows <= batch_size and padded <= max_tokens_per_batch and padded - real - lengths[i] <= max_padding * padded:
+                batches[-1].append(i)
+                real += lengths[i]
+                continue
+        batches.append([i])
+        real = lengths[i]
+    return batches
+
+
+def padding_fraction(lengths: list[int], batches: list[list[int]]) -> float:
+    """Share of padded positions over all positions the batches compute."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1.0 - sum(lengths) / padded if padded else 0.0
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

@@ -47,21 +47,55 @@ def group_counts(lengths: torch.Tensor, factor: int) -> torch.Tensor:
     return torch.clamp((lengths + factor - 1) // factor, min=1)
 
 
-def group_index(lengths: torch.Tensor, seq_len: int, factor: int) -> torch.Tensor:
-    """Pooling group of every position, (B, T); padding positions get the id M (a dump group).
+def group_index(lengths: torch.Tensor, factor: int) -> torch.Tensor:
+    """Pooling group of every token of the packed sequences, (N,), numbered across the whole batch.
 
     A text of n tokens is cut into m = ceil(n / factor) consecutive groups whose sizes differ by
     at most one, the larger ones first: r = n mod m groups of q + 1 tokens, then groups of q,
     with q = n // m. This is the reference's split for every n (n < factor gives one group).
     """
-    m = group_counts(lengths, factor)[:, None]  # (B, 1)
-    q = (lengths[:, None] // m).clamp(min=1)
-    r = lengths[:, None] % m
-    t = torch.arange(seq_len, device=lengths.device)[None, :]  # (1, T)
+    m = group_counts(lengths, factor)
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)  # (N,)
+    starts = torch.cumsum(lengths, 0) - lengths
+    t = torch.arange(int(lengths.sum()), device=lengths.device) - starts[seq]  # position inside its sequence
+    n, m_, first_group = lengths[seq], m[seq], (torch.cumsum(m, 0) - m)[seq]
+    q = n // m_
+    r = n % m_
     boundary = r * (q + 1)
-    gid = torch.where(t < boundary, t // (q + 1), r + (t - boundary) // q)
-    dump = int(m.max())
-    return torch.where(t < lengths[:, None], gid, torch.full_like(gid, dump))
+    local = torch.where(t < boundary, t // (q + 1), r + (t - boundary) // q.clamp(min=1))
+    return first_group + local
+
+
+class Packing:
+    """Where the rows of B sequences of given lengths sit: packed (N, F) or right-padded (B, T, F).
+
+    Everything but attention runs on packed rows, so padding costs no matmul work; attention pads them
+    to (B, T) and masks the padded keys. With equal lengths both layouts are the same memory.
+    """
+
+    def __init__(self, lengths: torch.Tensor, head_dim: int, theta: float):
+        self.B, self.T = len(lengths), int(lengths.max())
+        positions = torch.arange(self.T, device=lengths.device)
+        valid = positions[None, :] < lengths[:, None]  # (B, T)
+        self.dense = bool(valid.all())
+        self.index = None if self.dense else valid.flatten().nonzero().squeeze(1)  # (N,) into B*T
+        self.key_mask = None if self.dense else valid[:, None, None, :]  # (B, 1, 1, T)
+        cos, sin = rope_angles(positions, head_dim, theta)  # (T, hs/2)
+        token_pos = positions.expand(self.B, -1).flatten() if self.dense else positions.repeat(self.B)[self.index]
+        self.cos, self.sin = cos[token_pos][:, None, :], sin[token_pos][:, None, :]  # (N, 1, hs/2)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...) with zeros in the padding."""
+        if self.dense:
+            return x.view(self.B, self.T, *x.shape[1:])
+        out = x.new_zeros(self.B * self.T, *x.shape[1:])
+        out[self.index] = x
+        return out.view(self.B, self.T, *x.shape[1:])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...), dropping the padding."""
+        flat = x.reshape(self.B * self.T, *x.shape[2:])
+        return flat if self.dense else flat[self.index]
 
 
 class RMSNorm(nn.Module):
@@ -85,8 +119,8 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, nh, T, hs) by the angles (T, hs/2)."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, nh, T, hs/2, 2)
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (N, nh, hs) by the angles (N, 1, hs/2), in float32."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (N, nh, hs/2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
@@ -101,25 +135,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(
-        self,
-        xq: torch.Tensor,
-        xkv: torch.Tensor,
-        rope_q: tuple[torch.Tensor, torch.Tensor],
-        rope_k: tuple[torch.Tensor, torch.Tensor],
-        key_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """xq (B, Tq, C) attends bidirectionally to xkv (B, Tk, C); key_mask (B, 1, 1, Tk) or None."""
-        B, Tq, _ = xq.shape
-        Tk = xkv.shape[1]
-        q = self.wq(xq).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, Tq, hs)
-        k = self.wk(xkv).view(B, Tk, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, Tk, hs)
-        v = self.wv(xkv).view(B, Tk, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, Tk, hs)
-        q, k = apply_rope(q, *rope_q), apply_rope(k, *rope_k)
-        # query head h reads kv head h // (nh / nkv), the reference's repeat_interleave grouping
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=self.n_heads != self.n_kv_heads)
-        y = y.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim)  # (B, Tq, nh*hs)
-        return self.wo(y)
+    def forward(self, xq: torch.Tensor, xkv: torch.Tensor, q_rows: Packing, kv_rows: Packing) -> torch.Tensor:
+        """Packed queries xq (Nq, C) attend bidirectionally, sequence by sequence, to packed xkv (Nk, C)."""
+        q = apply_rope(self.wq(xq).view(-1, self.n_heads, self.head_dim), q_rows.cos, q_rows.sin)  # (Nq, nh, hs)
+        k = apply_rope(self.wk(xkv).view(-1, self.n_kv_heads, self.head_dim), kv_rows.cos, kv_rows.sin)  # (Nk, nkv, hs)
+        v = self.wv(xkv).view(-1, self.n_kv_heads, self.head_dim)  # (Nk, nkv, hs)
+        q = q_rows.pad(q).transpose(1, 2)  # (B, nh, Tq, hs)
+        k, v = kv_rows.pad(k).transpose(1, 2), kv_rows.pad(v).transpose(1, 2)  # (B, nkv, Tk, hs)
+        # query head h reads kv head h // (nh / nkv), the reference's repeat_interleave grouping;
+        # a boolean mask forces slower kernels, so there is one only when some sequence is padded
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_rows.key_mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        y = q_rows.pack(y.transpose(1, 2))  # (Nq, nh, hs)
+        return self.wo(y.flatten(1))
 
 
 class FeedForward(nn.Module):
@@ -141,15 +168,15 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, rope_q, key_mask, kv=None, rope_k=None):
-        """x (B, Tq, C) is the residual stream and the queries' input; kv (B, Tk, C), if given, the keys'.
+    def forward(self, x: torch.Tensor, rows: Packing, kv: torch.Tensor | None = None, kv_rows: Packing | None = None):
+        """x (N, C) packed: the residual stream and the queries' input; kv (Nk, C), if given, the keys'.
 
         Both go through the same attention_norm: in the pooling block the pooled queries are normalised
         with the block's norm and attend to the normalised token states.
         """
         xn = self.attention_norm(x)
         kvn = xn if kv is None else self.attention_norm(kv)
-        h = x + self.attention(xn, kvn, rope_q, rope_q if rope_k is None else rope_k, key_mask)
+        h = x + self.attention(xn, kvn, rows, rows if kv_rows is None else kv_rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -183,32 +210,25 @@ class ARCEncoder(nn.Module):
         )
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids (B, T) right-padded, lengths (B,) -> pooled (B, M, C) and counts (B,) of valid rows.
+        """Packed token ids (N,) of sequences of `lengths` (B,) -> pooled vectors (P, C) and counts (B,).
 
-        Row i of the output holds counts[i] pooled vectors; rows past that are padding.
+        The first counts[0] rows of the output belong to the first sequence, and so on.
         """
         cfg = self.config
-        B, T = ids.shape
-        x = self.tok_embeddings(ids)  # (B, T, C)
-        padded = bool((lengths < T).any())
-        # a boolean mask forces the slower attention kernels: only pay for it when there is padding
-        key_mask = (torch.arange(T, device=ids.device)[None, :] < lengths[:, None])[:, None, None, :] if padded else None
-        rope_tokens = rope_angles(torch.arange(T, device=ids.device), cfg.head_dim, cfg.rope_theta)
+        tokens = Packing(lengths, cfg.head_dim, cfg.rope_theta)
+        x = self.tok_embeddings(ids)  # (N, C)
         for block in self.layers[:-1]:
-            x = block(x, rope_tokens, key_mask)
+            x = block(x, tokens)
 
-        # last block: queries are group means of its input, O(T) with a scatter-add
+        # last block: queries are group means of its input, O(N) with an index_add
         counts = group_counts(lengths, cfg.pooling_factor)  # (B,)
-        M = int(counts.max())
-        gid = group_index(lengths, T, cfg.pooling_factor)  # (B, T), padding -> M
-        sums = torch.zeros(B, M + 1, cfg.dim, device=x.device, dtype=torch.float32)
-        sums.scatter_add_(1, gid[:, :, None].expand(B, T, cfg.dim), x.float())
-        sizes = torch.zeros(B, M + 1, device=x.device, dtype=torch.float32)
-        sizes.scatter_add_(1, gid, torch.ones_like(gid, dtype=torch.float32))
-        pooled = (sums / sizes.clamp(min=1)[:, :, None])[:, :M].to(x.dtype)  # (B, M, C)
-        rope_groups = rope_angles(torch.arange(M, device=ids.device), cfg.head_dim, cfg.rope_theta)
-        pooled = self.layers[-1](pooled, rope_groups, key_mask, kv=x, rope_k=rope_tokens)
-        return pooled, counts
+        gid = group_index(lengths, cfg.pooling_factor)  # (N,)
+        P = int(counts.sum())
+        sums = torch.zeros(P, cfg.dim, device=x.device, dtype=torch.float32).index_add_(0, gid, x.float())
+        sizes = torch.zeros(P, device=x.device, dtype=torch.float32).index_add_(0, gid, torch.ones_like(gid, dtype=torch.float32))
+        pooled = (sums / sizes[:, None]).to(x.dtype)  # (P, C)
+        groups = Packing(counts, cfg.head_dim, cfg.rope_theta)  # pooled vector j of a text sits at RoPE position j
+        return self.layers[-1](pooled, groups, kv=x, kv_rows=tokens), counts
 
     def project(self, pooled: torch.Tensor, head: int) -> torch.Tensor:
         """Vectors (N, C) of the encoder -> (N, decoder_hidden_size) through head `head`'s MLP."""
