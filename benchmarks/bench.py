@@ -42,7 +42,8 @@ SMALL_ENCODER = replace(CPU_ENCODER, dim=128, n_layers=2, n_heads=4, n_kv_heads=
 
 PRESETS = {
     # encoder, decoder sizes, passages (count, min, max), documents (count, tokens, chunk), end to end
-    "cpu": dict(encoder=CPU_ENCODER, decoder=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+    # the cpu decoder keeps the real pair's proportion: about 2.7x the encoder's blocks (7B vs 2.6B)
+    "cpu": dict(encoder=CPU_ENCODER, decoder=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=22,
                                                   num_attention_heads=8, num_key_value_heads=4, vocab_size=32000),
                 passages=(64, 20, 400), documents=(2, 4096, 512), e2e=dict(batch=4, context=512, new_tokens=32),
                 matmul=2048, dtype=torch.float32, repeats=5, load=replace(ARC8, n_layers=4)),
@@ -273,14 +274,16 @@ def bench_load(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype) -> 
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     code = (
-        "import json, resource, sys, time, torch\n"
+        "import json, sys, time, torch\n"
         "from arccompress.checkpoint import load_model, read_checkpoint\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6\n"
+        # VmHWM is this process's own peak; ru_maxrss would inherit the parent's across fork + exec
+        "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1e6\n"
+        "base = hwm()\n"
         "t = time.perf_counter()\n"
         f"m = load_model(read_checkpoint('x', __import__('pathlib').Path({str(folder)!r})), device=torch.device({str(device)!r}), dtype=torch.{str(dtype).split('.')[-1]})\n"
         f"torch.cuda.synchronize() if {device.type == 'cuda'} else None\n"
         "print(json.dumps({'load_s': time.perf_counter() - t, 'rss_before_load_gb': base, "
-        "'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))\n"
+        "'peak_rss_gb': hwm()}))\n"
     )
     result = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     params = sum(torch.Size(s).numel() for s in shapes.values())
@@ -372,9 +375,11 @@ def main() -> None:
 
     step("matmul rate")
     rate = matmul_rate(spec["matmul"], spec["encoder"], dtype, device, repeats)
-    result["matmul_flop_per_s"] = rate
     step("encoder: passages")
     comp = random_encoder(spec["encoder"], device, dtype)
+    # measured again after a warm-up of the whole machine; the best of both is the ceiling used
+    rate = max(rate, matmul_rate(spec["matmul"], spec["encoder"], dtype, device, repeats))
+    result["matmul_flop_per_s"] = rate
     result["passages"] = bench_passages(comp, spec["passages"], rate, device, repeats, single=args.preset == "cpu")
     step("encoder: chunked documents")
     result["documents"] = bench_documents(comp, spec["documents"], rate, device, repeats)

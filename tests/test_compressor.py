@@ -280,3 +280,41 @@ def test_tokenizer_argument(tiny_dir, hub_copy):
 def test_progress_bar_runs(comp, capsys):
     comp.compress(TEXTS, show_progress_bar=True, batch_size=2)
     assert "compress" in capsys.readouterr().err
+
+
+def _fake_hub_cache(root, repo_id: str, source) -> None:
+    """Lay out `source`'s files as a Hugging Face cache snapshot of `repo_id` (what a download leaves)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / "hub" / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(source, repo / "snapshots" / commit)
+
+
+def test_hub_id_from_the_cache_with_default_tokenizer(tiny_dir, llama3_tokenizer, tmp_path):
+    """A hub id resolves through the HF cache offline; without tokenizer files the default Llama 3 one is used."""
+    import os
+    import subprocess
+    import sys
+
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_dir / "hub", encoder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (encoder / f).unlink()
+    tokenizer_dir = tmp_path / "llama3-tokenizer"
+    llama3_tokenizer.save_pretrained(tokenizer_dir)
+    (tokenizer_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))  # as in the real repository
+    _fake_hub_cache(tmp_path / "hf", "kyutai/ARC8_Encoder_Tiny", encoder)
+    _fake_hub_cache(tmp_path / "hf", "meta-llama/Llama-3.2-3B", tokenizer_dir)
+    script = (
+        "from arccompress import Compressor\n"
+        "comp = Compressor.from_pretrained('kyutai/ARC8_Encoder_Tiny')\n"
+        "print(comp.name, comp.tokenizer('Paris', add_special_tokens=False)['input_ids'])\n"
+        "try:\n    comp.compress('Paris')\nexcept ValueError as e:\n    print('ValueError', e)\n"
+    )
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "kyutai/ARC8_Encoder_Tiny [60704]" in out.stdout  # the real Llama 3 tokenizer, from the cache
+    # the tiny encoder's vocabulary is smaller than Llama 3's: a clear error, not an IndexError
+    assert "ValueError" in out.stdout and "vocabulary" in out.stdout
