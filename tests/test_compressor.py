@@ -318,3 +318,41 @@ def test_hub_id_from_the_cache_with_default_tokenizer(tiny_dir, llama3_tokenizer
     assert "kyutai/ARC8_Encoder_Tiny [60704]" in out.stdout  # the real Llama 3 tokenizer, from the cache
     # the tiny encoder's vocabulary is smaller than Llama 3's: a clear error, not an IndexError
     assert "ValueError" in out.stdout and "vocabulary" in out.stdout
+
+
+def test_out_of_memory_splits_the_batch_with_identical_results(tiny_dir, monkeypatch):
+    comp = Compressor.from_pretrained(tiny_dir / "hub")
+    texts = [f"text number {i} of a batch of similar lengths" for i in range(10)]
+    expected = comp.compress(texts)
+    forward = comp.model.forward
+    calls = []
+
+    def small_device(ids, lengths):  # a device that fits two sequences at a time
+        calls.append(len(lengths))
+        if len(lengths) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(ids, lengths)
+
+    monkeypatch.setattr(comp.model, "forward", small_device)
+    got = comp.compress(texts)
+    assert calls[0] == 10 and sum(n for n in calls if n <= 2) == 10  # retried in halves down to what fits
+    for a, b in zip(expected, got):
+        assert torch.allclose(a.embeddings, b.embeddings, atol=1e-5)
+    calls.clear()
+    monkeypatch.setattr(comp.model, "forward", lambda ids, lengths: (_ for _ in ()).throw(torch.OutOfMemoryError()))
+    with pytest.raises(torch.OutOfMemoryError, match="chunk_size"):
+        comp.compress("one text")
+
+
+def test_chunked_mode_bounds_each_forward(tiny_dir, monkeypatch):
+    comp = Compressor.from_pretrained(tiny_dir / "hub")
+    forward = comp.model.forward
+    seen = []
+
+    def spy(ids, lengths):
+        seen.append(int(lengths.max()) * len(lengths))
+        return forward(ids, lengths)
+
+    monkeypatch.setattr(comp.model, "forward", spy)
+    ctx = comp.compress("a long document " * 400, chunk_size=64, max_tokens_per_batch=256)
+    assert ctx.num_tokens == 6400 and max(seen) <= 256 and len(seen) >= 6400 // 256
