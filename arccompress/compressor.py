@@ -242,7 +242,7 @@ class Compressor:
         if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)):
             raise TypeError(f"ids must be a list of ints or a list of lists of ints, not {type(ids).__name__}")
         single = len(ids) > 0 and not isinstance(ids[0], (Sequence, torch.Tensor))
-        seqs = [list(ids)] if single else [list(s) if isinstance(s, Sequence) else s for s in ids]
+        seqs = [list(ids)] if single else [s.tolist() if isinstance(s, torch.Tensor) else list(s) if isinstance(s, Sequence) else s for s in ids]
         vocab = self.model.config.vocab_size
         for i, seq in enumerate(seqs):
             where = "" if single else f" at index {i}"
