@@ -144,7 +144,14 @@ class Attention(nn.Module):
         k, v = kv_rows.pad(k).transpose(1, 2), kv_rows.pad(v).transpose(1, 2)  # (B, nkv, Tk, hs)
         # query head h reads kv head h // (nh / nkv), the reference's repeat_interleave grouping;
         # a boolean mask forces slower kernels, so there is one only when some sequence is padded
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_rows.key_mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        mask, gqa = kv_rows.key_mask, self.n_heads != self.n_kv_heads
+        if gqa and mask is not None and q.is_cuda:
+            # CUDA's memory-efficient kernel takes a mask but not grouped heads: expand them instead of
+            # falling back to the kernel that materialises (B, nh, Tq, Tk) scores
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            gqa = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = q_rows.pack(y.transpose(1, 2))  # (Nq, nh, hs)
         return self.wo(y.flatten(1))
 
