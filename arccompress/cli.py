@@ -59,6 +59,8 @@ def _read_documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from .store import ContextStore
 
     ids, texts = _read_documents(args)
@@ -69,16 +71,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         todo = [(i, t) for i, t in zip(ids, texts) if i not in store]
         skipped = len(ids) - len(todo)
         start = time.perf_counter()
-        for k in range(0, len(todo), args.batch_size):
-            batch = todo[k: k + args.batch_size]
-            contexts = comp.compress([t for _, t in batch], chunk_size=args.chunk_size,
-                                     show_progress_bar=False if args.no_progress else None)
-            store.add_many([i for i, _ in batch], contexts)
-            store.flush()  # one shard per batch: a crash loses at most this batch
-            if not args.no_progress:
-                print(f"\r{min(k + args.batch_size, len(todo))}/{len(todo)} documents", end="", file=sys.stderr)
-        if todo and not args.no_progress:
-            print(file=sys.stderr)
+        with tqdm(total=len(todo), unit="doc", desc="compress", disable=args.no_progress) as bar:
+            for k in range(0, len(todo), args.batch_size):
+                batch = todo[k: k + args.batch_size]
+                contexts = comp.compress([t for _, t in batch], chunk_size=args.chunk_size, show_progress_bar=False)
+                store.add_many([i for i, _ in batch], contexts)
+                store.flush()  # one shard per batch: a crash loses at most this batch
+                bar.update(len(batch))
         elapsed = time.perf_counter() - start
     stats = store.stats()
     print(f"compressed {len(todo)} documents ({skipped} already stored) in {elapsed:.1f}s into {args.store}")

@@ -3,8 +3,8 @@
 Everything here mirrors the reference computation exactly (see DEVELOPERS.md):
 bidirectional attention, plain RoPE on interleaved pairs (no Llama-3 scaling), no final norm,
 and in the last block queries that are means of consecutive token groups attending to all tokens.
-Sequences are batched with right padding; padded keys are masked and padded outputs dropped,
-so a sequence's result does not depend on what it is batched with.
+Sequences of different lengths run together as packed rows; only attention pads them, masking the
+padded keys, so a sequence's result does not depend on what it is batched with.
 """
 
 from __future__ import annotations

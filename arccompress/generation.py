@@ -416,7 +416,8 @@ class Generator:
     def generate(self, prompt_or_prompts: Prompt | Sequence[Prompt], **generate_kwargs: Any) -> str | list[str]:
         """Only the newly generated text: a str for one prompt, a list for a list of prompts.
 
-        A prompt is a str or a list of parts (str, CompressedContext, ContextText). Keyword arguments
+        A prompt is a str or a list of parts (str, CompressedContext, ContextText); a list of plain strs
+        or of part lists is a batch of prompts. Keyword arguments
         are transformers' generation arguments (max_new_tokens, do_sample, temperature, top_p,
         stop_strings, ...); max_new_tokens defaults to 128.
         """
