@@ -88,7 +88,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from .generation import ContextText, Generator, fewshot_qa_prompt, first_answer
+    from .generation import Generator, fewshot_qa_prompt, first_answer
     from .store import ContextStore
 
     comp = _load_compressor(args)
@@ -101,10 +101,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if missing:
             raise KeyError(f"not in {args.store}: {', '.join(missing[:5])}")
         documents = [store.get(k, device=comp.device) for k in keys]
-    elif args.files:
-        documents = [ContextText(Path(f).read_text(encoding="utf-8").strip(), args.chunk_size) for f in args.files]
     else:
-        documents = [ContextText(t.strip(), args.chunk_size) for t in args.text]
+        texts = [Path(f).read_text(encoding="utf-8").strip() for f in args.files] if args.files else \
+            [t.strip() for t in args.text]
+        # compressed once here, so that generating and counting the savings share the contexts
+        documents = comp.compress(texts, chunk_size=args.chunk_size)
     if not documents:
         raise ValueError("no documents: give --store, --files or --text")
     examples = []
@@ -153,7 +154,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .compressor import Compressor
-    from .generation import ContextText, Generator, fewshot_qa_prompt
+    from .generation import Generator, fewshot_qa_prompt
     from .tiny import build_tiny_pair
     from transformers.utils import logging as hf_logging
 
@@ -171,11 +172,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "north and then west to the Atlantic Ocean at Saint-Nazaire.",
         "Mont Blanc, at 4,806 metres, is the highest mountain in the Alps and in Western Europe.",
     ]
-    for ctx in comp.compress(docs):
+    contexts = comp.compress(docs)
+    for ctx in contexts:
         print(f"compress  {ctx.num_tokens:>4} tokens -> {ctx.num_embeddings:>3} embeddings "
               f"({ctx.compression_ratio:.1f}x)  {ctx.text[:48]!r}...")
-    prompt = fewshot_qa_prompt("How long is the Loire?", [ContextText(docs[0])],
-                               examples=[(docs[1], "How high is Mont Blanc?", "4,806 metres")])
+    prompt = fewshot_qa_prompt("How long is the Loire?", contexts[0],
+                               examples=[(contexts[1], "How high is Mont Blanc?", "4,806 metres")])
     s = gen.savings(prompt)
     print(f"\nprompt    few-shot QA, {s.num_contexts} compressed documents: {s.prompt_length} decoder positions "
           f"instead of {s.full_text_prompt_length} with the full text")

@@ -18,6 +18,7 @@ from .encoder import ARCEncoder
 DEFAULT_TOKENIZER = "meta-llama/Llama-3.2-3B"
 # `*_multi` checkpoints: head 0 was trained for Llama-3.1-8B, head 1 for Mistral-7B
 DECODER_FAMILIES = {"llama": 0, "mistral": 1}
+FAMILY_HEADS = ", ".join(f"{name}={head}" for name, head in DECODER_FAMILIES.items())
 PROGRESS_MIN_TOKENS = 100_000
 
 
@@ -80,7 +81,7 @@ def resolve_head(decoder: int | str | None, num_decoders: int) -> int | None:
         raise ValueError(f"unknown decoder {decoder!r}; choices: {choices} or {sorted(names) or sorted(DECODER_FAMILIES)}")
     if decoder not in choices:
         raise ValueError(f"decoder index {decoder} out of range; this encoder has heads {choices}"
-                         + (f" ({', '.join(f'{k}={v}' for k, v in names.items())})" if names else ""))
+                         + (f" ({FAMILY_HEADS})" if names else ""))
     return decoder
 
 
@@ -274,7 +275,7 @@ class Compressor:
     def _require_head(self) -> int:
         if self._head is None:
             raise ValueError(
-                f"{self.name!r} has {self.num_decoders} decoder heads ({', '.join(f'{k}={v}' for k, v in DECODER_FAMILIES.items())}): "
+                f"{self.name!r} has {self.num_decoders} decoder heads ({FAMILY_HEADS}): "
                 "pass decoder= to from_pretrained, call select_decoder(), or let a Generator pick it"
             )
         return self._head
@@ -305,17 +306,14 @@ class Compressor:
             pooled = self.encode_sequences(sequences, batch_size, max_tokens_per_batch, show_progress_bar)
             # one <Cont> after each text's chunks, then every vector of every text through the head at once
             cont = self.model.cont_vector(head)
-            rows, k = [], 0
+            rows, sizes, k = [], [], 0
             for n_chunks in chunks_per_text:
-                rows.extend(pooled[k : k + n_chunks])
+                chunks = pooled[k : k + n_chunks]
+                rows.extend(chunks)
                 rows.append(cont)
+                sizes.append(sum(c.shape[0] for c in chunks) + 1)
                 k += n_chunks
-            projected = self.model.project(torch.cat(rows), head)  # (sum of embeddings, H)
-            sizes = []
-            k = 0
-            for n_chunks in chunks_per_text:
-                sizes.append(sum(p.shape[0] for p in pooled[k : k + n_chunks]) + 1)
-                k += n_chunks
+            projected = self.model.project(torch.cat(rows), head)  # (sum of sizes, H)
             parts = projected.split(sizes)
         return [
             CompressedContext(

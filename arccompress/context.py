@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,11 +51,6 @@ class CompressedContext:
     @property
     def dtype(self) -> torch.dtype:
         return self.embeddings.dtype
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the embeddings take in their current dtype."""
-        return self.embeddings.numel() * self.embeddings.element_size()
 
     def metadata(self, include_text: bool = False) -> dict[str, str]:
         """What identifies this context and what made it, as strings (safetensors metadata)."""

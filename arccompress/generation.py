@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .checkpoint import hub_snapshot
-from .compressor import DECODER_FAMILIES, Compressor, default_dtype, resolve_dtype
+from .compressor import DECODER_FAMILIES, FAMILY_HEADS, Compressor, default_dtype, resolve_dtype
 from .context import CompressedContext
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -194,7 +194,7 @@ class Generator:
         elif compressor.decoder_index != wanted:
             raise ValueError(
                 f"the compressor uses head {compressor.decoder_index} but this is a {family} decoder, "
-                f"whose head is {wanted} ({', '.join(f'{k}={v}' for k, v in DECODER_FAMILIES.items())})"
+                f"whose head is {wanted} ({FAMILY_HEADS})"
             )
 
     @classmethod

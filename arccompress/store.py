@@ -59,7 +59,7 @@ class ContextStore:
         self.flush_every = flush_every
         self._manifest_path = self.path / "manifest.json"
         self._index_path = self.path / "index.jsonl"
-        self._pending: list[tuple[str, CompressedContext]] = []
+        self._pending: dict[str, CompressedContext] = {}  # added, not yet flushed
         self._entries: dict[str, dict[str, Any]] = {}
         if self._manifest_path.is_file():
             self.manifest = self._read_manifest()
@@ -70,11 +70,9 @@ class ContextStore:
             if self.path.exists() and any(self.path.iterdir()):
                 raise StoreError(f"{self.path} exists and is not a context store (no manifest.json)")
             self.manifest = {"format": FORMAT, "version": 1, "dtype": _dtype_name(dtype or "float32")}
-        if compressor is not None and "hidden_size" in self.manifest:
-            probe = CompressedContext(torch.zeros(1, compressor.decoder_hidden_size), 1, compressor.name,
-                                      compressor.decoder_index, compressor.pooling_factor,
-                                      encoder_fingerprint=compressor.fingerprint)
-            self.check_compatible(probe)
+        if compressor is not None:
+            self._check_identity(identity(compressor.fingerprint, compressor.decoder_index,
+                                          compressor.decoder_hidden_size, compressor.pooling_factor))
 
     # ------------------------------------------------------------------ reading
 
@@ -106,11 +104,11 @@ class ContextStore:
         return len(self._entries) + len(self._pending)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries or any(k == key for k, _ in self._pending)
+        return key in self._entries or key in self._pending
 
     def __iter__(self) -> Iterator[str]:
         yield from self._entries
-        yield from (k for k, _ in self._pending)
+        yield from self._pending
 
     def keys(self) -> list[str]:
         return list(self)
@@ -124,9 +122,8 @@ class ContextStore:
 
     def get(self, key: str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> CompressedContext:
         """The context stored under `key` (KeyError if none), with the store's metadata."""
-        for k, ctx in self._pending:
-            if k == key:
-                return ctx.to(device=device, dtype=dtype)
+        if key in self._pending:
+            return self._pending[key].to(device=device, dtype=dtype)
         if key not in self._entries:
             raise KeyError(key)
         entry = self._entries[key]
@@ -161,10 +158,11 @@ class ContextStore:
 
     def check_compatible(self, ctx: CompressedContext) -> None:
         """Raise StoreError if `ctx` was made by another encoder, head or size than the store's contexts."""
-        own = {"encoder_fingerprint": ctx.encoder_fingerprint or "", "decoder_index": ctx.decoder_index,
-               "hidden_size": ctx.hidden_size, "pooling_factor": ctx.pooling_factor}
+        self._check_identity(identity(ctx.encoder_fingerprint, ctx.decoder_index, ctx.hidden_size, ctx.pooling_factor))
+
+    def _check_identity(self, own: dict[str, Any]) -> None:
         if "hidden_size" not in self.manifest:
-            return
+            return  # an empty store takes the identity of its first context
         for key in IDENTITY:
             if self.manifest[key] != own[key]:
                 raise StoreError(
@@ -182,10 +180,9 @@ class ContextStore:
             raise KeyError(f"{key!r} is already in the store")
         self.check_compatible(ctx)
         if "hidden_size" not in self.manifest:
-            self.manifest |= {"encoder": ctx.encoder, "encoder_fingerprint": ctx.encoder_fingerprint or "",
-                              "decoder_index": ctx.decoder_index, "hidden_size": ctx.hidden_size,
-                              "pooling_factor": ctx.pooling_factor}
-        self._pending.append((key, ctx))
+            self.manifest |= {"encoder": ctx.encoder} | identity(
+                ctx.encoder_fingerprint, ctx.decoder_index, ctx.hidden_size, ctx.pooling_factor)
+        self._pending[key] = ctx
         if len(self._pending) >= self.flush_every:
             self.flush()
 
@@ -208,12 +205,12 @@ class ContextStore:
         number = len(list((self.path / "shards").glob("*.safetensors")))
         shard = f"{number:05d}.safetensors"
         dtype = STORAGE_DTYPES[self.manifest["dtype"]]
-        tensors = {f"c{i}": ctx.embeddings.detach().to("cpu", dtype).contiguous() for i, (_, ctx) in enumerate(self._pending)}
+        tensors = {f"c{i}": ctx.embeddings.detach().to("cpu", dtype).contiguous() for i, ctx in enumerate(self._pending.values())}
         tmp = self.path / "shards" / (shard + ".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, self.path / "shards" / shard)
         lines = []
-        for i, (key, ctx) in enumerate(self._pending):
+        for i, (key, ctx) in enumerate(self._pending.items()):
             meta = ctx.metadata()
             entry = {"id": key, "shard": shard, "key": f"c{i}", "num_tokens": ctx.num_tokens,
                      "num_embeddings": ctx.num_embeddings, "chunk_size": ctx.chunk_size,
@@ -237,6 +234,12 @@ class ContextStore:
 
     def __repr__(self) -> str:
         return f"ContextStore({str(self.path)!r}, {len(self)} contexts, dtype={self.manifest['dtype']})"
+
+
+def identity(fingerprint: str | None, decoder_index: int | None, hidden_size: int, pooling_factor: int) -> dict[str, Any]:
+    """What must agree between a store and the contexts it holds (the IDENTITY keys)."""
+    return {"encoder_fingerprint": fingerprint or "", "decoder_index": decoder_index,
+            "hidden_size": hidden_size, "pooling_factor": pooling_factor}
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:

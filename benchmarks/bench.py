@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from arccompress import Compressor, Generator
-from arccompress.checkpoint import load_model, read_checkpoint
 from arccompress.compressor import padding_fraction, plan_batches
 from arccompress.encoder import ARCEncoder, EncoderConfig, attention_flops
 from arccompress.tiny import byte_level_tokenizer
@@ -238,9 +237,7 @@ def bench_end_to_end(comp: Compressor, decoder_sizes: dict, spec: dict, device, 
             lambda: model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, **kwargs),
             lambda: gen.generate(prompts, max_new_tokens=new, min_new_tokens=new, **kwargs), device, repeats)
     out["generator_overhead"] = {"raw_generate_s": raw, "generator_generate_s": ours, "overhead": ours / raw - 1}
-    del model, gen
-    gc.collect()
-    return out
+    return out  # the decoder is freed with this frame; main() collects
 
 
 def bench_load(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype) -> dict:

@@ -42,5 +42,5 @@ print("answer:", generator.generate(prompt, max_new_tokens=16).split("\n\n")[0].
 
 # the same, compressed on the fly inside the prompt
 inline = ["Document: ", ContextText(document, chunk_size=args.chunk_size), "\nQuestion: Who?\nAnswer:"]
-print(f"decoder prompt: {generator.savings(inline).prompt_length} positions "
-      f"instead of {generator.savings(inline).full_text_prompt_length}")
+saved = generator.savings(inline)  # compresses the document once more: savings needs the contexts
+print(f"decoder prompt: {saved.prompt_length} positions instead of {saved.full_text_prompt_length}")

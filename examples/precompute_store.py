@@ -10,7 +10,7 @@ import argparse
 import os
 import tempfile
 
-from arccompress import Compressor, ContextStore, Generator, fewshot_qa_prompt
+from arccompress import Compressor, ContextStore, Generator
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--tiny", action="store_true", default=os.environ.get("ARCCOMPRESS_TINY") == "1")

@@ -39,7 +39,10 @@ retrieved = [
 ]
 questions = ["How long is the Loire?", "Where does the Loire reach the sea?"]
 
-prompts = [fewshot_qa_prompt(q, retrieved, examples) for q in questions]
+# compress every document once; the prompts share the contexts
+passages = compressor.compress(retrieved)
+shots = [(ctx, q, a) for ctx, (_, q, a) in zip(compressor.compress([d for d, _, _ in examples]), examples)]
+prompts = [fewshot_qa_prompt(q, passages, shots) for q in questions]
 outputs = generator.generate(prompts, max_new_tokens=24)  # one batched call
 for question, prompt, output in zip(questions, prompts, outputs):
     saved = generator.savings(prompt)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from arccompress import CompressedContext, Compressor, ContextText, Generator, fewshot_qa_prompt
 from arccompress.generation import first_answer
-from arccompress.tiny import build_tiny_decoder, build_tiny_encoder
+from arccompress.tiny import build_tiny_encoder
 
 DOC = "The Loire is the longest river in France, flowing 1,006 km to the Atlantic."
 PROMPTS = [

@@ -51,7 +51,7 @@ def test_decoder_input_logits_and_greedy_tokens(case, precompress, generators, g
     inputs = gen.prepare_inputs(parts)
     # the decoder reads the segments' token embeddings with each context's embeddings in place, unchanged
     embed = gen.model.get_input_embeddings()
-    expected_rows, c = [], 0
+    expected_rows = []
     contexts = [p if isinstance(p, CompressedContext) else gen.compressor.compress(p.text)
                 for p in parts if not isinstance(p, str)]
     for k, seg in enumerate(case["expected_segment_ids"]):
