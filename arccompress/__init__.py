@@ -1,21 +1,52 @@
-"""arccompress: compressed contexts from ARC-Encoders for frozen decoder LLMs."""
+"""arccompress: compressed contexts from ARC-Encoders for frozen decoder LLMs.
 
-from .checkpoint import CheckpointError
-from .compressor import Compressor
-from .context import CompressedContext
-from .store import ContextStore, StoreError
-from .generation import ContextText, Generator, PromptSavings, fewshot_qa_prompt
+Names are imported on first use: `import arccompress` (and the command line's start-up) does not pay for
+torch and transformers until something needs them.
+"""
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "CheckpointError": "checkpoint",
+    "CompressedContext": "context",
+    "Compressor": "compressor",
+    "ContextStore": "store",
+    "StoreError": "store",
+    "ContextText": "prompts",
+    "PromptSavings": "prompts",
+    "fewshot_qa_prompt": "prompts",
+    "Generator": "generation",
+    "compress_corpus": "corpus",
+    "evaluate": "eval",
+}
 __all__ = [
-    "CheckpointError",
-    "CompressedContext",
-    "Compressor",
-    "ContextStore",
-    "ContextText",
-    "Generator",
-    "PromptSavings",
-    "StoreError",
-    "fewshot_qa_prompt",
-    "__version__",
+    "CheckpointError", "CompressedContext", "Compressor", "ContextStore", "ContextText", "Generator", "PromptSavings",
+    "StoreError", "compress_corpus", "evaluate", "fewshot_qa_prompt", "__version__",
 ]
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointError
+    from .compressor import Compressor
+    from .context import CompressedContext
+    from .corpus import compress_corpus
+    from .eval import evaluate
+    from .generation import Generator
+    from .prompts import ContextText, PromptSavings, fewshot_qa_prompt
+    from .store import ContextStore, StoreError
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -14,16 +14,21 @@ mis-shaped tensor is an error naming the tensor and the file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
+import os
 import re
+import socket
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+from urllib.parse import urlparse
 
 import torch
-from safetensors import safe_open
 
 from .encoder import ARCEncoder, EncoderConfig
 
@@ -47,19 +52,84 @@ class Checkpoint:
     tensors: dict[str, tuple[Path, str]]  # model parameter name -> (file, key inside the file)
 
     def fingerprint(self) -> str:
-        """A short hash of the weight files' headers and sizes: it changes when the weights do."""
-        h = hashlib.sha256()
-        for file in sorted({f for f, _ in self.tensors.values()}):
-            with open(file, "rb") as fh:
-                header_len = int.from_bytes(fh.read(8), "little")
-                h.update(fh.read(header_len))
-            h.update(str(file.stat().st_size).encode())
-        return h.hexdigest()[:16]
+        """A hash of every weight (name, dtype, shape, bytes) and of the configuration.
+
+        It changes whenever any weight or setting does, and is the same for the same weights in either
+        layout. Hashing reads every byte once (sha256, about 1.8 GB/s here: ~4 s for a 6.5 GB checkpoint);
+        the result is cached under ~/.cache/arccompress keyed by the files' paths, sizes and modification
+        times, and `load_model` computes it from the bytes it reads anyway.
+        """
+        cached = fingerprint_cache_read(self)
+        if cached is not None:
+            return cached
+        digests: dict[str, str] = {}
+        for file, names in self.by_file().items():
+            for key, raw, _ in stream_raw(file, list(names)):
+                digests[names[key]] = hashlib.sha256(memoryview(raw.numpy())).hexdigest()
+        return fingerprint_cache_write(self, combine_digests(self, digests))
+
+    def by_file(self) -> dict[Path, dict[str, str]]:
+        """{weight file: {key in the file: model parameter name}}."""
+        out: dict[Path, dict[str, str]] = {}
+        for name, (file, key) in self.tensors.items():
+            out.setdefault(file, {})[key] = name
+        return out
 
     def disk_dtype(self) -> str:
         file, key = self.tensors["tok_embeddings.weight"]
-        with safe_open(file, framework="pt") as f:
-            return str(f.get_slice(key).get_dtype())
+        return str(SAFETENSORS_DTYPES[read_header(file)[1][key]["dtype"]]).replace("torch.", "")
+
+
+def combine_digests(checkpoint: Checkpoint, digests: dict[str, str]) -> str:
+    """One hash from the configuration and every tensor's (name, dtype, shape, sha256), in name order."""
+    h = hashlib.sha256(json.dumps(asdict(checkpoint.config), sort_keys=True).encode())
+    headers: dict[Path, dict[str, Any]] = {}
+    for name in sorted(digests):
+        file, key = checkpoint.tensors[name]
+        header = headers.setdefault(file, read_header(file)[1])
+        h.update(f"{name}|{header[key]['dtype']}|{header[key]['shape']}|{digests[name]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """arccompress's own cache: $ARCCOMPRESS_CACHE, else $XDG_CACHE_HOME/arccompress, else ~/.cache/arccompress."""
+    return Path(os.environ.get("ARCCOMPRESS_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "arccompress")
+
+
+def _cache_file(checkpoint: Checkpoint) -> Path | None:
+    """Where the fingerprint of these exact files is cached: keyed by path, size, mtime and inode of each."""
+    root = cache_dir()
+    h = hashlib.sha256(json.dumps(asdict(checkpoint.config), sort_keys=True).encode())
+    try:
+        for file in sorted({f for f, _ in checkpoint.tensors.values()}):
+            st = file.stat()
+            h.update(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}\n".encode())
+    except OSError:
+        return None
+    return root / "fingerprints" / h.hexdigest()
+
+
+def fingerprint_cache_read(checkpoint: Checkpoint) -> str | None:
+    file = _cache_file(checkpoint)
+    try:
+        value = file.read_text().strip() if file is not None else ""
+    except OSError:
+        return None
+    return value if re.fullmatch(r"[0-9a-f]{16}", value) else None
+
+
+def fingerprint_cache_write(checkpoint: Checkpoint, value: str) -> str:
+    file = _cache_file(checkpoint)
+    if file is not None:
+        try:  # a cache only: a read-only home or a full disk costs a re-hash next time, nothing else
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+            tmp.write_text(value)
+            os.replace(tmp, file)
+        except OSError:
+            pass
+    return value
 
 
 # ----------------------------------------------------------------------------- locating
@@ -86,6 +156,27 @@ def resolve_directory(
     return Path(hub_snapshot(name, revision=revision, token=token, local_files_only=local_files_only))
 
 
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a connection (always True behind a proxy, which we cannot probe).
+
+    Without a network huggingface_hub retries with back-off for about 50 s before giving up; one TCP
+    connection attempt tells the same in milliseconds (DNS failure) or at most `timeout` seconds.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def hub_snapshot(
     repo_id: str,
     *,
@@ -105,6 +196,8 @@ def hub_snapshot(
         RevisionNotFoundError,
     )
 
+    if not local_files_only and not hub_reachable():
+        local_files_only = True  # fail in milliseconds, not after a minute of retries; the cache still serves
     try:
         return snapshot_download(
             repo_id,
@@ -146,15 +239,47 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _require(section: dict[str, Any], key: str, where: Path) -> Any:
-    if key not in section or section[key] is None:
+# sane bounds, far above any released model (Llama-3.2-3B: dim 3072, 28 layers, vocab 128256): a value
+# outside them is a corrupt or hostile config, refused before anything is built from it
+LIMITS = {"dim": 1 << 16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024, "head_dim": 1 << 12,
+          "hidden_dim": 1 << 20, "vocab_size": 1 << 23, "out_dim": 1 << 16, "hidden_dim_bridge": 1 << 20,
+          "num_decoders": 64, "pooling_factor": 1 << 12, "multiple_of": 1 << 16}
+_MISSING = object()
+
+
+def _int(section: dict[str, Any], key: str, where: Path, *, default: Any = _MISSING, low: int = 1,
+         limit: str | None = None) -> int:
+    """section[key] as an int within [low, LIMITS[limit or key]], or a CheckpointError naming it."""
+    value = section.get(key, default)
+    if value is _MISSING or value is None:
         raise CheckpointError(f"{where}: missing required setting {key!r}")
-    return section[key]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{where}: {key} must be an integer, found {value!r}")
+    high = LIMITS.get(limit or key)
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise CheckpointError(f"{where}: {key} = {value} is out of range (must be {bound})")
+    return value
+
+
+def _float(section: dict[str, Any], key: str, where: Path, *, default: Any = _MISSING, positive: bool) -> float:
+    value = section.get(key, default)
+    if value is _MISSING or value is None:
+        raise CheckpointError(f"{where}: missing required setting {key!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{where}: {key} must be a finite number, found {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise CheckpointError(f"{where}: {key} = {value} must be {'positive' if positive else 'non-negative'}")
+    return float(value)
 
 
 def check_supported(embedder: dict[str, Any], bridge: dict[str, Any], where: Path) -> int:
     """Refuse configurations the released encoders do not use; return the pooling factor."""
     pooling = embedder.get("pooling_module") or {}
+    if not isinstance(pooling, dict):
+        raise CheckpointError(f"{where}: pooling_module must be an object, found {pooling!r}")
     pool_type = pooling.get("pool_type", "mean_pooled_queries")
     place = pooling.get("where", "before")
     rates = embedder.get("compress_rates") or []
@@ -163,8 +288,10 @@ def check_supported(embedder: dict[str, Any], bridge: dict[str, Any], where: Pat
         problems.append(f"pool_type {pool_type!r} (only 'mean_pooled_queries')")
     if place != "before":
         problems.append(f"pooling where {place!r} (only 'before')")
-    if len(rates) != 1 or not isinstance(rates[0], int) or rates[0] >= -1:
-        problems.append(f"compress_rates {rates!r} (only one pooling factor, written [-k] with k >= 2)")
+    if not isinstance(rates, list) or len(rates) != 1 or isinstance(rates[0], bool) or not isinstance(rates[0], int) \
+            or not -LIMITS["pooling_factor"] <= rates[0] < -1:
+        problems.append(f"compress_rates {rates!r} (only one pooling factor, written [-k] with "
+                        f"2 <= k <= {LIMITS['pooling_factor']})")
     if embedder.get("causal_embedder", False):
         problems.append("a causal encoder (causal_embedder: true)")
     if embedder.get("memory_tokens", 0):
@@ -184,76 +311,127 @@ def check_supported(embedder: dict[str, Any], bridge: dict[str, Any], where: Pat
 def build_config(
     backbone: dict[str, Any], embedder: dict[str, Any], bridge: dict[str, Any], num_decoders: int, where: Path
 ) -> EncoderConfig:
+    """The EncoderConfig of a checkpoint, every value type- and range-checked."""
     factor = check_supported(embedder, bridge, where)
-    dim = int(_require(backbone, "dim", where))
-    n_layers = int(_require(backbone, "n_layers", where)) - int(embedder.get("n_truncated_layers", 0))
+    dim = _int(backbone, "dim", where)
+    n_layers = _int(backbone, "n_layers", where) - _int(embedder, "n_truncated_layers", where, default=0, low=0,
+                                                         limit="n_layers")
     if n_layers < 1:
         raise CheckpointError(f"{where}: n_layers minus n_truncated_layers leaves {n_layers} blocks; need >= 1")
-    in_dim = int(bridge.get("in_dim") or dim)
+    in_dim = _int(bridge, "in_dim", where, default=dim, limit="dim")
     if in_dim != dim:
         raise CheckpointError(f"{where}: bridge in_dim {in_dim} differs from the encoder dim {dim}")
-    out_dim = int(_require(bridge, "out_dim", where))
+    out_dim = _int(bridge, "out_dim", where)
+    n_heads, n_kv_heads = _int(backbone, "n_heads", where), _int(backbone, "n_kv_heads", where)
+    if n_heads % n_kv_heads:
+        raise CheckpointError(f"{where}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
     return EncoderConfig(
         dim=dim,
         n_layers=n_layers,
-        n_heads=int(_require(backbone, "n_heads", where)),
-        n_kv_heads=int(_require(backbone, "n_kv_heads", where)),
-        head_dim=int(_require(backbone, "head_dim", where)),
-        hidden_dim=int(_require(backbone, "hidden_dim", where)),
-        norm_eps=float(_require(backbone, "norm_eps", where)),
-        rope_theta=float(_require(backbone, "rope_theta", where)),
-        vocab_size=int(_require(backbone, "vocab_size", where)),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=_int(backbone, "head_dim", where),
+        hidden_dim=_int(backbone, "hidden_dim", where),
+        norm_eps=_float(backbone, "norm_eps", where, positive=False),
+        rope_theta=_float(backbone, "rope_theta", where, positive=True),
+        vocab_size=_int(backbone, "vocab_size", where),
         pooling_factor=factor,
         num_decoders=num_decoders,
-        bridge_hidden_dim=int(bridge.get("hidden_dim") or out_dim),  # the reference's default
+        # the reference's default bottleneck is the output size
+        bridge_hidden_dim=_int(bridge, "hidden_dim", where, default=out_dim, limit="hidden_dim_bridge"),
         decoder_hidden_size=out_dim,
     )
 
 
 def meta_backbone_args(params: dict[str, Any], where: Path) -> dict[str, Any]:
     """Encoder sizes from a Meta-style Llama `params.json`, derived as the research code derives them."""
-    dim = int(_require(params, "dim", where))
-    n_heads = int(_require(params, "n_heads", where))
-    multiple_of = int(_require(params, "multiple_of", where))
+    dim = _int(params, "dim", where)
+    n_heads = _int(params, "n_heads", where)
+    multiple_of = _int(params, "multiple_of", where)
     hidden = int(2 * 4 * dim / 3)
     if params.get("ffn_dim_multiplier") is not None:
-        hidden = int(params["ffn_dim_multiplier"] * hidden)
+        hidden = int(_float(params, "ffn_dim_multiplier", where, positive=True) * hidden)
     hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+    if dim % n_heads:
+        raise CheckpointError(f"{where}: dim {dim} is not a multiple of n_heads {n_heads}")
     # use_scaled_rope is deliberately ignored: the reference encoder applies plain RoPE
     return {
         "dim": dim,
-        "n_layers": _require(params, "n_layers", where),
+        "n_layers": params.get("n_layers"),
         "n_heads": n_heads,
         "n_kv_heads": params.get("n_kv_heads") or n_heads,
         "head_dim": dim // n_heads,
         "hidden_dim": hidden,
-        "norm_eps": _require(params, "norm_eps", where),
+        "norm_eps": params.get("norm_eps"),
         "rope_theta": params.get("rope_theta", 10000.0),
-        "vocab_size": _require(params, "vocab_size", where),
+        "vocab_size": params.get("vocab_size"),
     }
 
 
 # ----------------------------------------------------------------------------- tensors
 
 
-def safetensors_keys(file: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of one safetensors file (header only)."""
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def read_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(header length, {key: {"dtype", "shape", "data_offsets"}}) of a safetensors file, checked."""
     if not file.is_file():
         raise FileNotFoundError(f"missing weight file {file}")
     try:
-        with safe_open(file, framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for bad headers and truncation
+        with open(file, "rb") as f:
+            return parse_header(f, file.stat().st_size, str(file))
+    except OSError as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def parse_header(f: BinaryIO, size: int, where: str) -> tuple[int, dict[str, Any]]:
+    """The checked header of the safetensors file open as `f` (at its start), `size` bytes long."""
+    try:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= min(MAX_HEADER, size - 8):
+            raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
+        header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        header.pop("__metadata__", None)
+        for key, entry in header.items():
+            begin, end = entry["data_offsets"]
+            shape = entry["shape"]
+            if entry["dtype"] not in SAFETENSORS_DTYPES or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"tensor {key!r}: bad dtype or shape")
+            if not 0 <= begin <= end <= size - 8 - n or \
+                    end - begin != math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize:
+                raise ValueError(f"tensor {key!r}: data offsets {begin}..{end} do not match its shape or the file")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{where}: not a readable safetensors file ({e})") from None
+    return n, header
+
+
+def safetensors_keys(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor names -> (shape, safetensors dtype) of one safetensors file (header only)."""
+    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in read_header(file)[1].items()}
 
 
 def hub_weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no 'weight_map'")
-        return sorted({directory / name for name in weight_map.values()})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: no 'weight_map' of file names")
+        root = directory.resolve()
+        files = set()
+        for name in weight_map.values():
+            file = (directory / name).resolve()
+            if file.parent != root or not name.endswith(".safetensors"):
+                raise CheckpointError(f"{index}: weight file {name!r} is not a .safetensors file inside {directory}")
+            files.add(directory / name)
+        return sorted(files)
     single = directory / "model.safetensors"
     if single.is_file():
         return [single]
@@ -277,12 +455,25 @@ def _map_research_bridge_key(key: str) -> str:
 
 
 def count_heads(keys: list[str], prefix: str) -> int:
+    """1 + the largest N of keys `prefix`N.*; 0 if there is none."""
     heads = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     return max(heads) + 1 if heads else 0
 
 
-def match_tensors(config: EncoderConfig, found: dict[str, tuple[Path, str, tuple[int, ...]]]) -> dict[str, tuple[Path, str]]:
-    """Check the stored tensors against the model's parameters, one to one, names and shapes."""
+Found = dict[str, tuple[Path, str, tuple[int, ...], str]]  # parameter name -> (file, key, shape, dtype)
+
+
+def match_tensors(config: EncoderConfig, found: Found, where: Path) -> dict[str, tuple[Path, str]]:
+    """Check the stored tensors against the model's parameters, one to one: names, shapes, float dtypes.
+
+    Block and head counts are compared with the files first, so that a config claiming a million layers
+    is refused before any module is built.
+    """
+    for prefix, count, what in (("layers.", config.n_layers, "encoder blocks"),
+                                ("cont_tok.", config.num_decoders, "decoder heads")):
+        stored = count_heads(list(found), prefix)
+        if stored != count:
+            raise CheckpointError(f"{where}: the configuration says {count} {what}, the weight files hold {stored}")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in ARCEncoder(config).state_dict().items()}
     errors = []
@@ -290,15 +481,18 @@ def match_tensors(config: EncoderConfig, found: dict[str, tuple[Path, str, tuple
         if name not in found:
             errors.append(f"missing tensor {name!r} {list(shape)}")
         elif found[name][2] != shape:
-            file, key, got = found[name]
+            file, key, got, _ = found[name]
             errors.append(f"tensor {key!r} in {file} has shape {list(got)}, expected {list(shape)}")
-    for name, (file, key, _) in found.items():
+        elif found[name][3] not in FLOAT_DTYPES:
+            file, key, _, dtype = found[name]
+            errors.append(f"tensor {key!r} in {file} is {dtype}, not a floating-point type")
+    for name, (file, key, _, _) in found.items():
         if name not in expected:
             errors.append(f"unexpected tensor {key!r} in {file}")
     if errors:
         shown = "\n  ".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
         raise CheckpointError(f"checkpoint does not match its configuration:\n  {shown}")
-    return {name: (file, key) for name, (file, key, _) in found.items()}
+    return {name: (file, key) for name, (file, key, _, _) in found.items()}
 
 
 def read_checkpoint(
@@ -324,15 +518,16 @@ def _read_hub(name: str, directory: Path) -> Checkpoint:
     backbone.setdefault("rope_theta", None)
     if backbone["rope_theta"] is None:
         backbone["rope_theta"] = 1_000_000.0  # the reference's fallback when rope_theta is unset
-    found: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    found: Found = {}
     for file in hub_weight_files(directory):
-        for key, shape in safetensors_keys(file).items():
+        for key, (shape, dtype) in safetensors_keys(file).items():
             mapped = _map_hub_key(key)
             if mapped is not None:
-                found[mapped] = (file, key, shape)
-    n_heads = int(raw.get("empty_init") or 0) or count_heads(list(found), "cont_tok.")
+                found[mapped] = (file, key, shape, dtype)
+    n_heads = _int(raw, "empty_init", cfg_path, default=None, limit="num_decoders") if raw.get("empty_init") \
+        else count_heads(list(found), "cont_tok.")
     config = build_config(backbone, raw["embedder_args"], raw["bridge_args"], n_heads, cfg_path)
-    return Checkpoint(name, directory, "hub", config, match_tensors(config, found))
+    return Checkpoint(name, directory, "hub", config, match_tensors(config, found, cfg_path))
 
 
 def _read_research(name: str, directory: Path, backbone_params: str | Path | dict[str, Any] | None) -> Checkpoint:
@@ -349,19 +544,19 @@ def _read_research(name: str, directory: Path, backbone_params: str | Path | dic
     backbone = meta_backbone_args(backbone_raw, where)
     embed_file = directory / "embedder" / "consolidated.safetensors"
     bridge_file = directory / "bridge_module" / "consolidated.safetensors"
-    found: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
-    for key, shape in safetensors_keys(embed_file).items():
+    found: Found = {}
+    for key, (shape, dtype) in safetensors_keys(embed_file).items():
         if not key.startswith(UNUSED_PREFIXES):
-            found[key] = (embed_file, key, shape)
-    for key, shape in safetensors_keys(bridge_file).items():
-        found[_map_research_bridge_key(key)] = (bridge_file, key, shape)
+            found[key] = (embed_file, key, shape, dtype)
+    for key, (shape, dtype) in safetensors_keys(bridge_file).items():
+        found[_map_research_bridge_key(key)] = (bridge_file, key, shape, dtype)
     config = build_config(backbone, embedder, bridge, count_heads(list(found), "cont_tok."), params_path)
     if "tok_embeddings.weight" not in found or "layers.0.attention.wq.weight" not in found:
         raise CheckpointError(
             f"{embed_file}: the encoder's token embeddings or first layers are not in the checkpoint "
             "(trained_layers / train_embedding_mtx below the full encoder): arccompress needs a complete encoder"
         )
-    return Checkpoint(name, directory, "research", config, match_tensors(config, found))
+    return Checkpoint(name, directory, "research", config, match_tensors(config, found, params_path))
 
 
 def _find_backbone_params(directory: Path, given: str | Path | None) -> Path:
@@ -383,22 +578,15 @@ def _find_backbone_params(directory: Path, given: str | Path | None) -> Path:
 # ----------------------------------------------------------------------------- loading
 
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
+def stream_raw(file: Path, keys: list[str]) -> Iterator[tuple[str, torch.Tensor, dict[str, Any]]]:
+    """Yield (key, raw bytes as a uint8 tensor, header entry) of the named tensors, one at a time.
 
-
-def stream_tensors(file: Path, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the named tensors of a safetensors file one at a time, read with plain file reads.
-
-    safetensors' own loader maps the whole file into memory, and every page it touches counts in the
-    process's resident memory until the file is closed: reading a 12 GB checkpoint that way shows 12 GB of
-    host RSS. Plain reads into one buffer per tensor keep host memory at the largest tensor.
+    Plain reads into one buffer per tensor: safetensors' own loader maps the whole file, and every page it
+    touches counts in the process's resident memory until the file is closed (12 GB of host RSS for a
+    12 GB checkpoint); this keeps host memory at the largest tensor.
     """
+    header_len, header = read_header(file)
     with open(file, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
         for key in keys:
             entry = header[key]
             begin, end = entry["data_offsets"]
@@ -406,28 +594,67 @@ def stream_tensors(file: Path, keys: list[str]) -> Iterator[tuple[str, torch.Ten
             f.seek(8 + header_len + begin)
             if f.readinto(memoryview(buffer.numpy())) != end - begin:
                 raise CheckpointError(f"{file}: tensor {key!r} is cut short; is the file truncated?")
-            yield key, buffer.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+            yield key, buffer, entry
 
 
-def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dtype) -> ARCEncoder:
-    """Build the encoder on the meta device and fill it tensor by tensor on `device` in `dtype`.
+def as_tensor(raw: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
+    """The tensor stored in `raw` bytes, as the header entry describes it."""
+    return raw.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def read_tensor_from(f: BinaryIO, size: int, key: str, where: str) -> torch.Tensor:
+    """One tensor of the safetensors file open as `f`, read alone: the header, then that tensor's bytes (a
+    decoder's embedding matrix out of a multi-GB shard, locally or by HTTP range requests)."""
+    header_len, header = parse_header(f, size, where)
+    if key not in header:
+        raise CheckpointError(f"{where}: no tensor {key!r}")
+    begin, end = header[key]["data_offsets"]
+    f.seek(8 + header_len + begin)
+    buffer = torch.empty(end - begin, dtype=torch.uint8)
+    if f.readinto(memoryview(buffer.numpy())) != end - begin:
+        raise CheckpointError(f"{where}: tensor {key!r} is cut short; is the file truncated?")
+    return as_tensor(buffer, header[key])
+
+
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """No NaN or infinity in `tensor`, checked a slice at a time: isfinite on a whole bfloat16 embedding matrix
+    would briefly hold a float32 copy of it (1.6 GB for Llama 3's), twice what loading it needs."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
+
+
+def load_model(checkpoint: Checkpoint, *, device: torch.device, dtype: torch.dtype) -> tuple[ARCEncoder, str]:
+    """Build the encoder on the meta device, fill it tensor by tensor on `device` in `dtype`; also fingerprint it.
 
     Host memory holds at most one stored tensor at a time: a float32 checkpoint loaded in bfloat16 on a
-    GPU never exists as a whole in host RAM.
+    GPU never exists as a whole in host RAM. Every tensor is checked for NaN and infinity. Unless the
+    fingerprint is cached, each tensor's bytes are hashed in a second thread while the main thread converts
+    the same buffer (sha256 releases the GIL), and the fingerprint is returned with the model.
     """
     with torch.device("meta"):
         model = ARCEncoder(checkpoint.config)
-    by_file: dict[Path, dict[str, str]] = {}
-    for name, (file, key) in checkpoint.tensors.items():
-        by_file.setdefault(file, {})[key] = name
+    fingerprint = fingerprint_cache_read(checkpoint)
     state: dict[str, torch.Tensor] = {}
-    for file, names in by_file.items():
-        try:
-            for key, tensor in stream_tensors(file, list(names)):
-                state[names[key]] = tensor.to(device=device, dtype=dtype)
-        except (OSError, KeyError, ValueError, RuntimeError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{file}: could not read tensor data ({e})") from None
+    digests: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        for file, names in checkpoint.by_file().items():
+            try:
+                for key, raw, entry in stream_raw(file, list(names)):
+                    name = names[key]
+                    digest = None if fingerprint is not None else hasher.submit(
+                        lambda b: hashlib.sha256(memoryview(b.numpy())).hexdigest(), raw)
+                    tensor = as_tensor(raw, entry).to(device=device, dtype=dtype)
+                    if digest is not None:
+                        digests[name] = digest.result()  # before the next read: one buffer in memory at a time
+                    if not all_finite(tensor):
+                        raise CheckpointError(f"{file}: tensor {key!r} holds NaN or infinite values "
+                                              f"(after conversion to {str(dtype).replace('torch.', '')})")
+                    state[name] = tensor
+            except (OSError, KeyError, ValueError, RuntimeError) as e:
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"{file}: could not read tensor data ({e})") from None
+    if fingerprint is None:
+        fingerprint = fingerprint_cache_write(checkpoint, combine_digests(checkpoint, digests))
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False), fingerprint

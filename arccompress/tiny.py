@@ -8,6 +8,9 @@ the numbers flow through exactly the real code paths, the generated text is nois
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -194,13 +197,42 @@ def build_tiny_decoder(
     )
     torch.manual_seed(seed)
     model = model_cls(config)
-    model.save_pretrained(path, safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" for a 1 MB model is noise
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(path)
     return path
 
 
-def build_tiny_pair(root: str | Path) -> tuple[Path, Path]:
-    """A tiny encoder (hub layout) and a tiny Llama-architecture decoder it fits, under `root`."""
+def build_tiny_pair(root: str | Path | None = None) -> tuple[Path, Path]:
+    """A tiny encoder (hub layout) and a tiny Llama-architecture decoder it fits, under `root`.
+
+    Without `root` they are built once into the user's cache (~/.cache/arccompress/tiny-<versions>) and reused,
+    so examples and demos leave nothing behind in /tmp; a half-built folder is never used (built aside, then
+    renamed into place). The folder is per transformers version, whose tokenizer files older ones cannot read.
+    """
+    if root is None:
+        import transformers
+
+        from . import __version__
+        from .checkpoint import cache_dir
+
+        root = cache_dir() / f"tiny-{__version__}-transformers-{transformers.__version__}"
+        if not (root / "tiny-decoder" / "config.json").is_file():
+            root.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root.parent))
+            build_tiny_pair(staging)
+            try:
+                os.replace(staging, root)
+            except OSError:  # another process finished first
+                shutil.rmtree(staging, ignore_errors=True)
+        return root / "tiny-arc-encoder", root / "tiny-decoder"
     root = Path(root)
     encoder, decoder = root / "tiny-arc-encoder", root / "tiny-decoder"
     if not (encoder / "config.json").is_file():

@@ -8,7 +8,6 @@ stays bounded by the chunk size however long the document is.
 
 import argparse
 import os
-import tempfile
 import time
 
 from arccompress import Compressor, ContextText, Generator
@@ -22,7 +21,7 @@ encoder, decoder = "kyutai/ARC8_Encoder_Mistral", "mistralai/Mistral-7B-v0.3"
 if args.tiny:
     from arccompress.tiny import build_tiny_pair
 
-    encoder, decoder = build_tiny_pair(tempfile.mkdtemp())
+    encoder, decoder = build_tiny_pair()
 
 compressor = Compressor.from_pretrained(encoder)
 generator = Generator.from_pretrained(decoder, compressor=compressor)

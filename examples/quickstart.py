@@ -6,7 +6,6 @@
 
 import argparse
 import os
-import tempfile
 
 from arccompress import Compressor, Generator
 
@@ -19,10 +18,11 @@ encoder, decoder = "kyutai/ARC8_Encoder_Mistral", "mistralai/Mistral-7B-v0.3"
 if args.tiny:
     from arccompress.tiny import build_tiny_pair
 
-    encoder, decoder = build_tiny_pair(tempfile.mkdtemp())
+    encoder, decoder = build_tiny_pair()
 
 compressor = Compressor.from_pretrained(encoder)
-generator = Generator.from_pretrained(decoder, compressor=compressor, quantization="4bit")
+# 4-bit needs `pip install 'arccompress[quantization]'`; the tiny decoder is too small to need it
+generator = Generator.from_pretrained(decoder, compressor=compressor, quantization=None if args.tiny else "4bit")
 
 document = (
     "The Amazon rainforest covers much of the Amazon basin of South America. The basin encompasses seven "

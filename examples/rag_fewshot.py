@@ -9,7 +9,6 @@ compressed separately and placed back to back.
 
 import argparse
 import os
-import tempfile
 
 from arccompress import Compressor, Generator, fewshot_qa_prompt
 
@@ -23,7 +22,7 @@ encoder, decoder = args.encoder, args.decoder
 if args.tiny:
     from arccompress.tiny import build_tiny_pair
 
-    encoder, decoder = build_tiny_pair(tempfile.mkdtemp())
+    encoder, decoder = build_tiny_pair()
 
 compressor = Compressor.from_pretrained(encoder)
 generator = Generator.from_pretrained(decoder, compressor=compressor)

@@ -25,6 +25,27 @@ def test_bench_runs_at_small_scale(preset, tmp_path):
     assert "| measure | value |" in (tmp_path / f"{preset}.md").read_text()
 
 
+def test_store_benchmark_runs_at_small_scale(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH.parent / "bench_store.py"), "--scale", "small", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "store-small.json").read_text())
+    rows = {(r["encoder"], r["codec"], r.get("bits_per_dim")): r for r in result["codecs"] if "unavailable" not in r}
+    exact = [r for (_, codec, _), r in rows.items() if codec == "decoder-float32"]
+    assert exact and all(r["relative_l2_error"] == 0 and r["identical_generations"] == 1 for r in exact)
+    assert result["reads"]["get_many_5_median_ms"] > 0 and result["reads"]["contexts"] == 20_000
+    assert "| encoder | codec |" in (tmp_path / "store-small.md").read_text()
+
+
+def test_corpus_benchmark_runs_at_small_scale(tmp_path):
+    pytest.importorskip("ray")
+    out = subprocess.run([sys.executable, str(BENCH.parent / "bench_corpus.py"), "--preset", "cpu", "--scale", "small",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "corpus-cpu-small.json").read_text())
+    assert result["local"]["tokens"] == result["ray"]["tokens"] > 0 and result["ray"]["workers"] == 2
+
+
 def test_plan_batches_respects_every_bound():
     import random
 

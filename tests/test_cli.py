@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from arccompress.cli import main
 
 
-def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+def run(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "arccompress.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+                          text=True, cwd=cwd, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -25,30 +28,35 @@ def docs(tmp_path_factory):
 
 
 def test_help_everywhere(capsys):
-    for cmd in ([], ["compress"], ["ask"], ["info"], ["demo"]):
+    for cmd in ([], ["compress"], ["ask"], ["eval"], ["info"], ["convert"], ["demo"]):
         with pytest.raises(SystemExit) as exit_:
             main([*cmd, "--help"])
         assert exit_.value.code == 0 and "usage: arccompress" in capsys.readouterr().out
 
 
-def test_demo_runs_the_whole_pipeline():
-    out = run("demo")
+def test_demo_runs_the_whole_pipeline_and_leaves_nothing(tmp_path):
+    env = os.environ | {"TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "ARCCOMPRESS_CACHE": str(tmp_path / "cache")}
+    out = run("demo", env=env)
     assert out.returncode == 0, out.stderr
     assert "RANDOM weights" in out.stdout and "compress" in out.stdout and "generate" in out.stdout
-    assert "Traceback" not in out.stderr
+    assert "Generator(" in out.stdout and "Traceback" not in out.stderr
+    assert "Loading weights" not in out.stderr and "Writing model shards" not in out.stderr  # quiet by default
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # the tiny checkpoints are cached, /tmp stays clean
 
 
 def test_compress_is_resumable_and_ask_answers(tiny_dir, docs, tmp_path):
     store = tmp_path / "store"
     out = run("compress", "--encoder", tiny_dir / "hub", "--jsonl", docs, "--store", store, "--batch-size", "2",
-              "--store-dtype", "float16", "--no-progress")
+              "--codec", "int8", "--no-progress")
     assert out.returncode == 0, out.stderr
-    assert "compressed 5 documents (0 already stored)" in out.stdout and "bytes/token" in out.stdout
-    assert len(list((store / "shards").glob("*.safetensors"))) == 3
+    assert "compressed 5 texts (0 already stored)" in out.stdout and "bytes per token" in out.stdout
+    assert "bottleneck-int8" in out.stdout and len(list((store / "data").glob("*.parquet"))) == 3
     with open(docs, "a") as f:
         f.write(json.dumps({"id": "d5", "text": "One more."}) + "\n")
     out = run("compress", "--encoder", tiny_dir / "hub", "--jsonl", docs, "--store", store, "--no-progress")
-    assert "compressed 1 documents (5 already stored)" in out.stdout
+    assert "compressed 1 texts (5 already stored)" in out.stdout, out.stderr
+    info = run("info", store)
+    assert info.returncode == 0 and "contexts         6" in info.stdout and "bottleneck-int8" in info.stdout
     out = run("ask", "--encoder", tiny_dir / "hub", "--decoder", tiny_dir / "llama-decoder", "--store", store,
               "--ids", "d1", "d2", "--question", "Which number?", "--max-new-tokens", "5")
     assert out.returncode == 0, out.stderr
@@ -76,24 +84,78 @@ def test_info(tiny_dir):
     "args, message",
     [
         (["info", "/no/such/dir"], "no checkpoint directory"),
-        (["compress", "--encoder", "{hub}", "--jsonl", "/no/file.jsonl", "--store", "{tmp}/s"], "No such file"),
-        (["compress", "--encoder", "{hub}", "--jsonl", "{bad}", "--store", "{tmp}/s"], "not JSON"),
-        (["ask", "--encoder", "{hub}", "--decoder", "{dec}", "--store", "{tmp}/none", "--ids", "x",
-          "--question", "q"], "not in"),
+        (["compress", "--encoder", "{hub}", "--jsonl", "/no/file.jsonl", "--store", "{tmp}/s"], "no such source file"),
+        (["compress", "--encoder", "{hub}", "--jsonl", "{bad}", "--store", "{tmp}/s"], r"bad.jsonl:2: not JSON"),
+        (["compress", "--encoder", "{hub}", "--jsonl", "{array}", "--store", "{tmp}/s"], r"array.jsonl:1: a JSON list"),
+        (["compress", "--encoder", "{hub}", "--jsonl", "{late}", "--store", "{tmp}/s"],
+         r"late.jsonl:71 \(id 'x70'\): the text is empty"),
         (["compress", "--encoder", "{hub}", "--files", "{empty}", "--store", "{tmp}/s2"], "empty"),
+        (["compress", "--encoder", "{hub}", "--jsonl", "{late}", "--store", "{tmp}/s", "--device", "nope"],
+         "unknown device 'nope'"),
+        (["compress", "--encoder", "{hub}", "--jsonl", "{late}", "--store", "{tmp}/s", "--codec", "float8"],
+         "unknown codec"),
+        (["ask", "--encoder", "{hub}", "--decoder", "{dec}", "--store", "{tmp}/none", "--ids", "x",
+          "--question", "q"], "no store at"),
+        (["ask", "--encoder", "{hub}", "--decoder", "{tmp}/no-decoder", "--text", "t", "--question", "q"],
+         "no decoder directory"),
+        (["ask", "--encoder", "{hub}", "--decoder", "{dec}", "--text", "t", "--question", "q", "--examples", "{ex}"],
+         r"ex.jsonl:1: an example needs document, question and answer; missing answer"),
     ],
 )
 def test_user_errors_are_one_line_on_stderr(tiny_dir, tmp_path, capsys, args, message):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text("{oops\n")
+    bad.write_text('{"id": "a", "text": "fine"}\n{oops\n')
+    array = tmp_path / "array.jsonl"
+    array.write_text('["not", "an", "object"]\n')
+    late = tmp_path / "late.jsonl"
+    late.write_text("".join(json.dumps({"id": f"x{i}", "text": "" if i == 70 else f"text {i}"}) + "\n" for i in range(80)))
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    fill = {"hub": tiny_dir / "hub", "dec": tiny_dir / "llama-decoder", "tmp": tmp_path, "bad": bad, "empty": empty}
+    ex = tmp_path / "ex.jsonl"
+    ex.write_text(json.dumps({"document": "d", "question": "q"}) + "\n")
+    fill = {"hub": tiny_dir / "hub", "dec": tiny_dir / "llama-decoder", "tmp": tmp_path, "bad": bad, "empty": empty,
+            "array": array, "late": late, "ex": ex}
     assert main([a.format(**fill) for a in args]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("error:") == 1
+    import re
+
+    assert re.search(message, err), err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert not (tmp_path / "s" / "data").exists()  # nothing was compressed
+
+
+def test_batch_size_must_be_positive(tiny_dir, docs, tmp_path):
+    for value in ("-1", "0", "x"):
+        out = run("compress", "--encoder", tiny_dir / "hub", "--jsonl", docs, "--store", tmp_path / "s",
+                  "--batch-size", value)
+        assert out.returncode == 2 and "--batch-size" in out.stderr and "Traceback" not in out.stderr
+        assert not (tmp_path / "s").exists()
+
+
+def test_cuda_without_a_gpu_is_one_line(tiny_dir, docs, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = run("compress", "--encoder", tiny_dir / "hub", "--jsonl", docs, "--store", tmp_path / "s", "--device", "cuda")
+    assert out.returncode == 2 and "no CUDA GPU" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_user_error_from_a_real_process_has_no_traceback():
     out = run("info", "/no/such/dir")
     assert out.returncode == 2 and "no checkpoint directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ctrl_c_is_one_line_at_any_moment(tiny_dir, docs, tmp_path):
+    """SIGINT during start-up (imports) and during work: exit 130, one line, no traceback."""
+    for delay in (0.3, 3.0):
+        proc = subprocess.Popen([sys.executable, "-m", "arccompress.cli", "compress", "--encoder", str(tiny_dir / "hub"),
+                                 "--jsonl", str(docs), "--store", str(tmp_path / f"s{delay}")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        if proc.returncode == 0:
+            continue  # finished before the signal: nothing to check
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and err.strip().count("\n") == 0, err

@@ -41,7 +41,7 @@ def test_context_fields_and_repr(comp):
     assert ctx.embeddings.shape == (ctx.num_embeddings, comp.decoder_hidden_size)
     assert ctx.embeddings.device == comp.device and ctx.dtype == comp.dtype == torch.float32
     assert ctx.compression_ratio == pytest.approx(ctx.num_tokens / ctx.num_embeddings)
-    assert ctx.encoder == str(comp.name) and ctx.decoder_index == 0 and ctx.chunk_size is None
+    assert ctx.encoder == str(comp.name) and ctx.head == 0 and ctx.chunk_size is None
     assert ctx.pooling_factor == 8 and ctx.encoder_fingerprint == comp.fingerprint
     assert "embeddings" in repr(ctx) and "ratio" in repr(ctx)
     assert "pooling_factor=8" in repr(comp)
@@ -144,23 +144,23 @@ def test_research_layout_needs_backbone_params(tiny_dir, tmp_path):
 
 def test_two_head_encoder_needs_a_choice(tiny_dir):
     open_choice = Compressor.from_pretrained(tiny_dir / "multi")
-    assert open_choice.decoder_index is None and open_choice.num_decoders == 2
+    assert open_choice.head is None and open_choice.num_heads == 2
     with pytest.raises(ValueError, match="decoder heads"):
         open_choice.compress("text")
-    open_choice.select_decoder("llama")
+    open_choice.select_head("llama")
     llama = open_choice.compress("some text here")
-    assert llama.decoder_index == 0
-    mistral = Compressor.from_pretrained(tiny_dir / "multi", decoder="mistral").compress("some text here")
-    assert mistral.decoder_index == 1
+    assert llama.head == 0
+    mistral = Compressor.from_pretrained(tiny_dir / "multi", head="mistral").compress("some text here")
+    assert mistral.head == 1
     assert not torch.allclose(llama.embeddings, mistral.embeddings)
-    assert torch.equal(Compressor.from_pretrained(tiny_dir / "multi", decoder=1).compress("some text here").embeddings,
+    assert torch.equal(Compressor.from_pretrained(tiny_dir / "multi", head=1).compress("some text here").embeddings,
                        mistral.embeddings)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        Compressor.from_pretrained(tiny_dir / "multi", decoder=2)
+        Compressor.from_pretrained(tiny_dir / "multi", head=2)
     with pytest.raises(ValueError, match="choices"):
-        Compressor.from_pretrained(tiny_dir / "multi", decoder="gpt")
+        Compressor.from_pretrained(tiny_dir / "multi", head="gpt")
     with pytest.raises(ValueError, match="out of range"):
-        Compressor.from_pretrained(tiny_dir / "hub", decoder=1)
+        Compressor.from_pretrained(tiny_dir / "hub", head=1)
 
 
 def test_dtypes(tiny_dir):
@@ -211,7 +211,7 @@ def test_unreadable_config(hub_copy):
 
 def test_missing_unexpected_and_misshaped_tensors(hub_copy):
     file = hub_copy / "model.safetensors"
-    original = load_file(file)
+    original = {k: v.clone() for k, v in load_file(file).items()}  # in memory: the file is rewritten below
     tensors = dict(original)
     del tensors["embedder.layers.1.attention.wq.weight"]
     save_file(tensors, file)
@@ -223,9 +223,14 @@ def test_missing_unexpected_and_misshaped_tensors(hub_copy):
     with pytest.raises(CheckpointError, match=r"feed_forward\.w1\.weight.*model\.safetensors.*\[3, 3\]"):
         Compressor.from_pretrained(hub_copy)
     tensors = dict(original)
+    tensors["embedder.extra.weight"] = torch.zeros(3, 3)
+    save_file(tensors, file)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'embedder\.extra\.weight'"):
+        Compressor.from_pretrained(hub_copy)
+    tensors = dict(original)
     tensors["embedder.layers.7.attention.wq.weight"] = torch.zeros(3, 3)
     save_file(tensors, file)
-    with pytest.raises(CheckpointError, match=r"unexpected tensor 'embedder\.layers\.7"):
+    with pytest.raises(CheckpointError, match=r"says 2 encoder blocks, the weight files hold 8"):
         Compressor.from_pretrained(hub_copy)
 
 

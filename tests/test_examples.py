@@ -34,4 +34,4 @@ def test_notebook_executes_with_tiny_checkpoints():
         del os.environ["ARCCOMPRESS_TINY"]
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # the two plots
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # the three plots

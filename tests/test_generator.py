@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from arccompress import CompressedContext, Compressor, ContextText, Generator, fewshot_qa_prompt
-from arccompress.generation import first_answer
+from arccompress.prompts import first_answer
 from arccompress.tiny import build_tiny_encoder
 
 DOC = "The Loire is the longest river in France, flowing 1,006 km to the Atlantic."
@@ -29,8 +29,8 @@ def gen(tiny_dir) -> Generator:
 
 def test_parts_and_public_attributes(gen):
     assert gen.model.config.model_type == "llama"
-    assert gen.tokenizer.bos_token_id == 1 and gen.compressor.decoder_index == 0
-    assert gen.segments.kind == "bpe"  # no SentencePiece model: plain BPE
+    assert gen.tokenizer.bos_token_id == 1 and gen.compressor.head == 0
+    assert gen.prompts.text.kind == "bpe"  # no SentencePiece model: plain BPE
     assert gen.segment_ids(PROMPTS[2]) == [[1], gen.tokenizer(" then text", add_special_tokens=False).input_ids]
     # special-token strings in text stay text
     assert 2 not in gen.segment_ids(["text </s> more"])[0][1:]
@@ -129,7 +129,7 @@ def test_answer_and_savings(gen):
     assert isinstance(answer, str) and "\n\n" not in answer
     s = gen.savings(PROMPTS[0])
     assert s.num_contexts == 1
-    assert s.context_text_tokens == len(gen.segments.encode(DOC)) == len(DOC.encode())
+    assert s.context_text_tokens == len(gen.prompts.text.encode(DOC)) == len(DOC.encode())
     assert s.context_embeddings == gen.compressor.compress(DOC).num_embeddings
     assert s.prompt_length == gen.prepare_inputs(PROMPTS[0])["inputs_embeds"].shape[1]
     assert s.full_text_prompt_length > s.prompt_length and s.context_compression_ratio > 5
@@ -165,14 +165,14 @@ def test_hidden_size_mismatch(tiny_dir, tmp_path):
 def test_two_head_encoder_follows_the_decoder_family(tiny_dir):
     comp = Compressor.from_pretrained(tiny_dir / "multi")
     gen = Generator.from_pretrained(tiny_dir / "mistral-decoder", compressor=comp)
-    assert comp.decoder_index == 1
+    assert comp.head == 1
     assert isinstance(gen.generate(PROMPTS[0], max_new_tokens=4), str)
-    llama_head = Compressor.from_pretrained(tiny_dir / "multi", decoder="llama")
+    llama_head = Compressor.from_pretrained(tiny_dir / "multi", head="llama")
     with pytest.raises(ValueError, match="mistral decoder, whose head is 1"):
         Generator.from_pretrained(tiny_dir / "mistral-decoder", compressor=llama_head)
     open_head = Compressor.from_pretrained(tiny_dir / "multi")
     Generator.from_pretrained(tiny_dir / "llama-decoder", compressor=open_head)
-    assert open_head.decoder_index == 0
+    assert open_head.head == 0
 
 
 def test_direct_construction_and_missing_tokenizer(tiny_dir, tmp_path):

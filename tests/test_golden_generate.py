@@ -1,4 +1,4 @@
-"""Parity with the reference on ../shared/golden: decoder inputs, first-step logits, greedy tokens."""
+"""Parity with the reference on its golden outputs (tests/golden): decoder inputs, first-step logits, greedy tokens."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def parts_of(case: dict, gen: Generator, precompress: bool) -> list:
 @pytest.mark.parametrize("precompress", [True, False], ids=["CompressedContext", "ContextText"])
 def test_decoder_input_logits_and_greedy_tokens(case, precompress, generators, golden):
     gen = generators[case["encoder"], case["decoder"]]
-    assert gen.compressor.decoder_index == case["decoder_index"]
-    assert gen.segments.kind == "sentencepiece"
+    assert gen.compressor.head == case["decoder_index"]
+    assert gen.prompts.text.kind == "sentencepiece"
     parts = parts_of(case, gen, precompress)
     assert gen.segment_ids(parts) == case["expected_segment_ids"]
 

@@ -1,15 +1,21 @@
-"""Saving contexts and the resumable ContextStore: exact round trips, metadata, compatibility, crashes."""
+"""Saved contexts and the ContextStore: codecs, identity checks, crashes, concurrent writers, tampering."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 import torch
 
 from arccompress import CompressedContext, Compressor, ContextStore, Generator, StoreError
+from arccompress.codec import Codec, CodecError, parse_codec
 
-TEXTS = {f"doc-{i}": f"Document number {i} says something about topic {i * 7}. " * (i + 1) for i in range(7)}
+TEXTS = {f"doc-{i}": f"Document number {i} says something about topic {i * 7}. " * (i % 9 + 1) for i in range(60)}
 
 
 @pytest.fixture(scope="module")
@@ -17,14 +23,26 @@ def comp(tiny_dir) -> Compressor:
     return Compressor.from_pretrained(tiny_dir / "hub")
 
 
+@pytest.fixture(scope="module")
+def contexts(comp) -> list[CompressedContext]:
+    return comp.compress(list(TEXTS.values()))
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ----------------------------------------------------------------------------- single contexts
+
+
 def test_context_save_load_round_trip(comp, tmp_path):
     ctx = comp.compress(TEXTS["doc-3"], chunk_size=16)
     ctx.save(tmp_path / "c.safetensors")
     back = CompressedContext.load(tmp_path / "c.safetensors")
-    assert torch.equal(back.embeddings, ctx.embeddings)
-    for field in ("num_tokens", "encoder", "decoder_index", "pooling_factor", "chunk_size", "encoder_fingerprint"):
+    assert back == CompressedContext.load(tmp_path / "c.safetensors") and back.text is None
+    assert torch.equal(back.embeddings, ctx.embeddings) and len(back) == ctx.num_embeddings
+    for field in ("num_tokens", "encoder", "head", "pooling_factor", "chunk_size", "encoder_fingerprint"):
         assert getattr(back, field) == getattr(ctx, field)
-    assert back.text is None
     ctx.save(tmp_path / "t.safetensors", include_text=True, dtype=torch.float16)
     half = CompressedContext.load(tmp_path / "t.safetensors")
     assert half.text == ctx.text and half.dtype == torch.float16
@@ -37,75 +55,355 @@ def test_context_save_load_round_trip(comp, tmp_path):
         CompressedContext.load(tmp_path / "bad.safetensors")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_store_round_trips_exactly(comp, tmp_path, dtype):
-    contexts = comp.compress(list(TEXTS.values()))
-    with ContextStore(tmp_path / "s", dtype=dtype, flush_every=3) as store:
+def test_context_equality_and_length(comp):
+    a, b = comp.compress("same text"), comp.compress("same text")
+    assert a == b and a is not b and len(a) == a.num_embeddings
+    assert a != comp.compress("other text") and a != a.to(dtype=torch.float16)
+    with pytest.raises(TypeError):
+        hash(a)
+
+
+def test_context_files_are_checked(comp, tmp_path):
+    from safetensors.torch import save_file
+
+    ctx = comp.compress("a text")
+    meta = ctx.metadata()
+    cases = {
+        "no-tokens": ({"embeddings": ctx.embeddings}, {k: v for k, v in meta.items() if k != "num_tokens"}, "num_tokens"),
+        "one-d": ({"embeddings": ctx.embeddings[0]}, meta, "non-empty"),
+        "empty": ({"embeddings": ctx.embeddings[:0]}, meta, "non-empty"),
+        "nan": ({"embeddings": torch.full_like(ctx.embeddings, float("nan"))}, meta, "NaN"),
+        "ints": ({"embeddings": ctx.embeddings.to(torch.int32)}, meta, "floating point"),
+        "no-tensor": ({"other": ctx.embeddings}, meta, "no 'embeddings'"),
+        "bad-number": ({"embeddings": ctx.embeddings}, meta | {"num_tokens": "many"}, "bad metadata"),
+    }
+    for name, (tensors, m, message) in cases.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors", metadata=m)
+        with pytest.raises(ValueError, match=message):
+            CompressedContext.load(tmp_path / f"{name}.safetensors")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ctx.save(tmp_path / "no" / "such" / "dir" / "c.safetensors")
+    big = ctx.to()
+    big.embeddings = big.embeddings * 1e6
+    with pytest.raises(ValueError, match="float16"):
+        big.save(tmp_path / "big.safetensors", dtype=torch.float16)
+    assert not (tmp_path / "big.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- codecs
+
+
+def test_codec_names_and_sizes():
+    assert parse_codec("float16") == ("decoder", "float16")
+    assert parse_codec("pq") == ("bottleneck", "pq") and parse_codec("int8") == ("bottleneck", "int8")
+    assert parse_codec("encoder-float16") == ("encoder", "float16")
+    with pytest.raises(CodecError, match="unknown codec"):
+        parse_codec("float8")
+    assert Codec("bottleneck", "pq", 2048, 1.0).bytes_per_vector == 256  # the released bottleneck at 1 bit/dim
+    assert Codec("bottleneck", "pq", 2048, 0.5).bytes_per_vector == 128
+    assert Codec("bottleneck", "int8", 2048).bytes_per_vector == 2052
+    with pytest.raises(CodecError, match="possible"):
+        Codec("bottleneck", "pq", 48, 0.3)
+    with pytest.raises(CodecError, match="pq codec only"):
+        Codec("decoder", "float16", 64, 1.0)
+
+
+EXACT_CODECS = ["float32", "bottleneck-float32", "encoder-float32"]
+
+
+@pytest.mark.parametrize("codec", EXACT_CODECS + ["float16", "bfloat16", "bottleneck-float16", "int8"])
+def test_codecs_round_trip(comp, contexts, tmp_path, codec):
+    with ContextStore(tmp_path / "s", compressor=comp, codec=codec, flush_every=16) as store:
         store.add_many(list(TEXTS), contexts)
-    store = ContextStore(tmp_path / "s")
-    assert len(store) == len(TEXTS) and list(store) == list(TEXTS) and "doc-2" in store
-    want = getattr(torch, dtype)
-    for (key, got), ctx in zip(store.items(), contexts):
-        assert torch.equal(got.embeddings, ctx.embeddings.to(want)), key
-        assert got.num_tokens == ctx.num_tokens and got.encoder_fingerprint == comp.fingerprint
-    assert len(list((tmp_path / "s" / "shards").glob("*.safetensors"))) == 3  # 3 + 3 + 1
+    store = ContextStore(tmp_path / "s")  # no codec, no compressor: the manifest says it all
+    assert store.codec.name == "-".join(parse_codec(codec)) and len(store) == len(TEXTS) and list(store) == list(TEXTS)
+    got = store.get_many(list(TEXTS))
+    for key, g, c in zip(TEXTS, got, contexts):
+        assert g.num_tokens == c.num_tokens and g.encoder_fingerprint == comp.fingerprint and g.head == 0
+        if codec == "float32":
+            assert torch.equal(g.embeddings, c.embeddings), key
+        elif codec in EXACT_CODECS:  # the head's layers applied on reading: equal up to float32 rounding
+            assert (g.embeddings - c.embeddings).abs().max().item() <= 1e-5, key
+        elif codec in ("float16", "bfloat16"):
+            assert torch.equal(g.embeddings, c.embeddings.to(getattr(torch, codec)).float()), key
+        else:
+            assert rel_error(g.embeddings, c.embeddings) < (1e-2 if codec == "int8" else 2e-3), key
     stats = store.stats()
-    assert stats["tokens"] == sum(c.num_tokens for c in contexts)
-    assert stats["embedding_bytes"] == sum(c.num_embeddings for c in contexts) * 64 * want.itemsize
+    assert stats["contexts"] == len(TEXTS) and stats["tokens"] == sum(c.num_tokens for c in contexts)
     assert stats["text_bytes"] == sum(len(t.encode()) for t in TEXTS.values())
-    assert stats["bytes_per_token"] == pytest.approx(stats["embedding_bytes"] / stats["tokens"])
-    with pytest.raises(KeyError):
-        store["nope"]
+    assert stats["bytes_per_token"] == pytest.approx(stats["data_bytes"] / stats["tokens"])
+    assert stats["fragments"] == 4 and stats["duplicates"] == 0
 
 
-def test_store_resumes_after_a_crash(comp, tmp_path):
-    keys = list(TEXTS)
-    store = ContextStore(tmp_path / "s", flush_every=100)
-    store.add_many(keys[:4], comp.compress([TEXTS[k] for k in keys[:4]]))
-    store.flush()
-    store.add_many(keys[4:6], comp.compress([TEXTS[k] for k in keys[4:6]]))  # in flight, never flushed
-    del store  # the process dies
-    index = tmp_path / "s" / "index.jsonl"
-    index.write_bytes(index.read_bytes() + b'{"id": "doc-9", "sha')  # and a line was cut mid-write
-    reopened = ContextStore(tmp_path / "s")
-    assert list(reopened) == keys[:4]
-    todo = [k for k in keys if k not in reopened]
-    reopened.add_many(todo, comp.compress([TEXTS[k] for k in todo]))
-    reopened.close()
-    final = ContextStore(tmp_path / "s")
-    assert list(final) == keys
-    assert torch.allclose(final["doc-5"].embeddings, comp.compress(TEXTS["doc-5"]).embeddings, atol=1e-5)
+def test_pq_codebook_is_trained_kept_and_checked(comp, tmp_path):
+    texts = {f"p{i}": f"Passage {i} mentions the value {i * 13 % 97} twice: {i * 13 % 97}. " * (1 + i % 4)
+             for i in range(120)}
+    ids, ctxs = list(texts), comp.compress(list(texts.values()))
+    errors = {}
+    for bits in (0.5, 1.0, 2.0):
+        path = tmp_path / f"pq{bits}"
+        store = ContextStore(path, compressor=comp, codec="pq", bits_per_dim=bits, train_size=1000, flush_every=32)
+        store.add_many(ids[:10], ctxs[:10])
+        with pytest.raises(StoreError, match="at least 256 training vectors"):
+            store.flush()  # too few vectors to train 256 centroids: nothing written, nothing lost
+        assert len(store) == 10 and not path.exists()
+        store.add_many(ids[10:], ctxs[10:])
+        store.close()
+        reopened = ContextStore(path)
+        manifest = reopened.manifest
+        assert manifest["codec"]["bits_per_dim"] == bits and 256 <= manifest["codec"]["trained_on_vectors"] <= 1000
+        assert manifest["codec"]["bytes_per_vector"] == 48 * bits / 8  # the tiny bottleneck is 48 wide
+        errors[bits] = max(rel_error(g.embeddings, c.embeddings) for g, c in zip(reopened.get_many(ids), ctxs))
+    assert errors[2.0] < errors[1.0] < errors[0.5] < 1.0
+    with pytest.raises(StoreError, match="keeps bottleneck-pq at 1 bits/dim"):
+        ContextStore(tmp_path / "pq1.0", codec="pq", bits_per_dim=2.0)
+    codec_file = next((tmp_path / "pq1.0").glob("codec-*.safetensors"))
+    codec_file.write_bytes(codec_file.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(StoreError, match="codec-.*sha256"):
+        ContextStore(tmp_path / "pq1.0")
+    # train() on given texts creates the store at once
+    trained = ContextStore(tmp_path / "trained", compressor=comp, codec="pq", train_size=500)
+    assert 256 <= trained.train(texts.values()) <= 500 and trained.manifest is not None
+    trained.add_many(ids[:3], ctxs[:3])
+    trained.close()
+    assert len(ContextStore(tmp_path / "trained")) == 3
 
 
-def test_store_refuses_foreign_contexts(comp, tiny_dir, tmp_path):
-    with ContextStore(tmp_path / "s") as store:
-        store.add("a", comp.compress("text a"))
+def test_encoder_codec_serves_both_heads(tiny_dir, tmp_path):
+    both = Compressor.from_pretrained(tiny_dir / "multi")
+    llama, mistral = (Compressor.from_pretrained(tiny_dir / "multi", head=h) for h in ("llama", "mistral"))
+    ctxs = llama.compress(list(TEXTS.values())[:8])
+    with ContextStore(tmp_path / "s", compressor=both, codec="encoder-float32") as store:
+        store.add_many(list(TEXTS)[:8], ctxs)
+    assert ContextStore(tmp_path / "s").manifest["head"] is None
+    with pytest.raises(StoreError, match="choose one"):
+        ContextStore(tmp_path / "s")["doc-0"]
+    for comp, head in ((llama, 0), (mistral, 1)):
+        expected = comp.compress(list(TEXTS.values())[:8])
+        for store in (ContextStore(tmp_path / "s", head=head), ContextStore(tmp_path / "s", compressor=comp)):
+            for g, e in zip(store.get_many(list(TEXTS)[:8]), expected):
+                assert g.head == head and (g.embeddings - e.embeddings).abs().max().item() <= 1e-5
+    with pytest.raises(StoreError, match="choose one"):
+        ContextStore(tmp_path / "other", compressor=both)  # a decoder-space store needs one head
+
+
+def test_identity_is_checked_on_open_and_add(comp, tiny_dir, contexts, tmp_path):
+    with ContextStore(tmp_path / "s", compressor=comp) as store:
+        store.add("a", contexts[0])
         with pytest.raises(KeyError, match="already"):
-            store.add("a", comp.compress("text a"))
-        other_head = Compressor.from_pretrained(tiny_dir / "multi", decoder=1)
-        with pytest.raises(StoreError, match="encoder_fingerprint"):
-            store.add("b", other_head.compress("text b"))
+            store.add("a", contexts[1])
         with pytest.raises(TypeError):
             store.add("c", "not a context")
+        other = Compressor.from_pretrained(tiny_dir / "multi", head=1)
+        with pytest.raises(StoreError, match="encoder_fingerprint"):
+            store.add("b", other.compress("text b"))
+        with pytest.raises(StoreError, match="carries only as"):
+            store.add("d", contexts[2].to())  # copies keep `pooled`: drop it as save/load does
+            store.add("d2", CompressedContext(contexts[2].embeddings, 5, comp.name, 0, 8,
+                                              encoder_fingerprint=comp.fingerprint))
     with pytest.raises(StoreError, match="encoder_fingerprint"):
-        ContextStore(tmp_path / "s", compressor=other_head)
-    with pytest.raises(StoreError, match="float32"):
+        ContextStore(tmp_path / "s", compressor=other)
+    with pytest.raises(StoreError, match="keeps bottleneck-float16, not decoder-float16"):
         ContextStore(tmp_path / "s", dtype="float16")
+    with pytest.raises(StoreError, match="pass compressor="):
+        ContextStore(tmp_path / "new")
+    with pytest.raises(ValueError, match="storage dtype"):
+        ContextStore(tmp_path / "new", dtype="int8")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("x")
     with pytest.raises(StoreError, match="not a context store"):
-        ContextStore(tmp_path / "junk")
-    with pytest.raises(ValueError, match="storage dtype"):
-        ContextStore(tmp_path / "new", dtype="int8")
+        ContextStore(tmp_path / "junk", compressor=comp)
+    # a decoder-space store made from contexts alone, as in arccompress 0.1
+    with ContextStore(tmp_path / "plain", dtype="float16") as plain:
+        plain.add_many(["x", "y"], contexts[:2])
+    assert torch.equal(ContextStore(tmp_path / "plain")["y"].embeddings, contexts[1].embeddings.half().float())
+
+
+def test_any_unicode_id(comp, contexts, tmp_path):
+    ids = ["line\u2028sep", "para\u2029sep", "next\u0085line", "tab\tand\nnewline", "emoji 🧭", "quote\"'", " "]
+    with ContextStore(tmp_path / "s", compressor=comp) as store:
+        store.add_many(ids, contexts[: len(ids)])
+        with pytest.raises(ValueError, match="lone surrogate"):
+            store.add("bad\udc80id", contexts[10])
+        with pytest.raises(TypeError):
+            store.add("", contexts[11])
+    reopened = ContextStore(tmp_path / "s")
+    assert list(reopened) == ids and [reopened[i].num_tokens for i in ids] == [c.num_tokens for c in contexts[:7]]
+    with pytest.raises(KeyError, match="'nope'.*'nada'"):
+        reopened.get_many(["emoji 🧭", "nope", "nada"])
+
+
+def test_failed_flush_leaves_nothing_and_can_be_retried(comp, contexts, tmp_path, monkeypatch):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    store = ContextStore(tmp_path / "s", compressor=comp, flush_every=1000)
+    store.add_many(list(TEXTS)[:5], contexts[:5])
+    store.flush()
+    store.add_many(list(TEXTS)[5:9], contexts[5:9])
+    real = pq.write_table
+
+    def disk_full(table, where, **kwargs):
+        real(table.slice(0, 1), where, **kwargs)  # half a file written...
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        store.flush()
+    data = tmp_path / "s" / "data"
+    assert len(list(data.glob("*.parquet"))) == 1 and not list(data.glob(".tmp-*"))
+    assert len(ContextStore(tmp_path / "s")) == 5  # readers see the committed fragment only
+    monkeypatch.setattr(pq, "write_table", real)
+    store.flush()  # the same batch, retried
+    reopened = ContextStore(tmp_path / "s")
+    assert list(reopened) == list(TEXTS)[:9] and reopened.stats()["duplicates"] == 0
+
+
+def test_tampered_files_name_themselves(comp, contexts, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with ContextStore(tmp_path / "s", compressor=comp, codec="float32", flush_every=4) as store:
+        store.add_many(list(TEXTS)[:8], contexts[:8])
+    fragment = sorted((tmp_path / "s" / "data").glob("*.parquet"))[0]
+    original = fragment.read_bytes()
+    fragment.write_bytes(original[: len(original) // 2])
+    with pytest.raises(StoreError, match=fragment.name):
+        len(ContextStore(tmp_path / "s"))
+    table = pq.read_table(pa.BufferReader(original))
+    codes = table.column("codes").to_pylist()
+    codes[1] = codes[1][:-4]
+    pq.write_table(table.set_column(6, "codes", pa.array(codes, pa.binary())), fragment)
+    key = table.column("id")[1].as_py()
+    with pytest.raises(StoreError, match=f"{key}.*bytes of codes"):
+        ContextStore(tmp_path / "s")[key]
+    fragment.write_bytes(original)
+    manifest = tmp_path / "s" / "manifest.json"
+    good = manifest.read_text()
+    for bad, message in (("{oops", "manifest.json: unreadable"), ("[]", "not an arccompress store manifest"),
+                         (json.dumps(json.loads(good) | {"hidden_size": "64"}), "hidden_size")):
+        manifest.write_text(bad)
+        with pytest.raises(StoreError, match=message):
+            ContextStore(tmp_path / "s")
+    manifest.write_text(good)
+    # a fragment of another store copied in
+    with ContextStore(tmp_path / "other", compressor=comp, codec="float32") as other:
+        other.add("z", contexts[20])
+    foreign = next((tmp_path / "other" / "data").glob("*.parquet"))
+    (tmp_path / "s" / "data" / foreign.name).write_bytes(foreign.read_bytes())
+    with pytest.raises(StoreError, match="another store"):
+        len(ContextStore(tmp_path / "s"))
+
+
+def test_store_files_are_read_by_data_tools(comp, contexts, tmp_path):
+    import duckdb
+    import polars as pl
+    from datasets import load_dataset
+
+    with ContextStore(tmp_path / "s", compressor=comp, flush_every=16) as store:
+        store.add_many(list(TEXTS), contexts)
+    files = str(tmp_path / "s" / "data" / "*.parquet")
+    tokens = sum(c.num_tokens for c in contexts)
+    assert duckdb.sql(f"SELECT count(*), sum(num_tokens) FROM read_parquet('{files}')").fetchall() == [(60, tokens)]
+    assert pl.scan_parquet(files).select(pl.col("num_tokens").sum()).collect().item() == tokens
+    ds = load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(ds["id"]) == sorted(TEXTS) and set(ds.column_names) >= {"id", "codes", "num_embeddings"}
 
 
 def test_stored_contexts_answer_through_a_generator(comp, tiny_dir, tmp_path):
     gen = Generator.from_pretrained(tiny_dir / "llama-decoder", compressor=comp)
-    ctx = comp.compress(TEXTS["doc-2"])
-    with ContextStore(tmp_path / "s") as store:
-        store.add("d", ctx)
-    loaded = ContextStore(tmp_path / "s", compressor=comp)["d"]
-    prompt = ["Document: ", loaded, "\nQuestion: what?\nAnswer:"]
-    assert gen.generate_ids(prompt, max_new_tokens=6) == gen.generate_ids(["Document: ", ctx, "\nQuestion: what?\nAnswer:"], max_new_tokens=6)
-    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["encoder_fingerprint"] == comp.fingerprint and manifest["hidden_size"] == 64
+    ctxs = comp.compress([TEXTS["doc-2"], TEXTS["doc-3"]])
+    with ContextStore(tmp_path / "s", compressor=comp, codec="bottleneck-float32") as store:
+        store.add_many(["d", "e"], ctxs)
+    loaded = ContextStore(tmp_path / "s", compressor=comp).get_many(["d", "e"])
+    assert gen.answer("what?", loaded, max_new_tokens=6) == gen.answer("what?", ctxs, max_new_tokens=6)
+
+
+def test_v1_stores_are_converted(comp, contexts, tmp_path):
+    """A store of arccompress 0.1 (safetensors shards + index.jsonl) is refused with advice, and converted once."""
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old"
+    (old / "shards").mkdir(parents=True)
+    (old / "manifest.json").write_text(json.dumps({
+        "format": "arccompress-store", "version": 1, "dtype": "float32", "encoder": comp.name,
+        "encoder_fingerprint": comp.fingerprint, "decoder_index": 0, "hidden_size": 64, "pooling_factor": 8}))
+    save_file({f"c{i}": c.embeddings for i, c in enumerate(contexts[:3])}, old / "shards" / "00000.safetensors")
+    index = [{"id": k, "shard": "00000.safetensors", "key": f"c{i}", "num_tokens": c.num_tokens,
+              "num_embeddings": c.num_embeddings, "chunk_size": None} for i, (k, c) in enumerate(zip(TEXTS, contexts[:3]))]
+    (old / "index.jsonl").write_text("".join(json.dumps(e) + "\n" for e in index) + '{"id": "cut')
+    with pytest.raises(StoreError, match="arccompress convert"):
+        ContextStore(old)
+    new = ContextStore.convert(old, tmp_path / "new", codec="float32")
+    assert list(new) == list(TEXTS)[:3]
+    for key, c in zip(TEXTS, contexts[:3]):
+        assert torch.equal(new[key].embeddings, c.embeddings) and new[key].encoder_fingerprint == comp.fingerprint
+    with pytest.raises(StoreError, match="decoder-space codec"):
+        ContextStore.convert(old, tmp_path / "pq", codec="pq")
+
+
+# ----------------------------------------------------------------------------- processes: crashes and races
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from arccompress import Compressor, ContextStore
+    encoder, store, first, last, codec = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    torch.set_num_threads(1)
+    comp = Compressor.from_pretrained(encoder)
+    with ContextStore(store, compressor=comp, codec=codec, flush_every=5) as s:
+        todo = [i for i in range(first, last) if f"id-{i}" not in s]
+        print("ready", flush=True)
+        for i in todo:
+            s.add(f"id-{i}", comp.compress(f"text number {i} " * (1 + i % 7)))
+""")
+
+
+def writer(tmp_path, tiny_dir, store, first, last, codec="bottleneck-float32"):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    return subprocess.Popen([sys.executable, str(script), str(tiny_dir / "hub"), str(store), str(first), str(last),
+                             codec], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def check_store(comp, path, expected_ids=None):
+    store = ContextStore(path)
+    ids = list(store)
+    assert len(ids) == len(set(ids)) and store.stats()["duplicates"] == 0
+    if expected_ids is not None:
+        assert sorted(ids) == sorted(expected_ids)
+    for key, ctx in zip(ids, store.get_many(ids)):
+        i = int(key.split("-")[1])
+        assert (ctx.embeddings - comp.compress(f"text number {i} " * (1 + i % 7)).embeddings).abs().max() <= 1e-5, key
+    return ids
+
+
+def test_kill_9_loses_at_most_the_batch_in_flight(comp, tiny_dir, tmp_path):
+    path = tmp_path / "s"
+    delays = [0.0, 0.05, 0.3, 1.0, 1.5, 2.5]  # the first ones land before or inside the very first flush
+    for delay in delays:
+        proc = writer(tmp_path, tiny_dir, path, 0, 60)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if (path / "manifest.json").exists():
+            check_store(comp, path)
+        else:  # killed before its first fragment: the folder must still open as a new store
+            ContextStore(path, compressor=comp, codec="bottleneck-float32")
+    proc = writer(tmp_path, tiny_dir, path, 0, 60)  # and a last run finishes the job
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    check_store(comp, path, [f"id-{i}" for i in range(60)])
+    assert not list((path / "data").glob(".tmp-*"))  # dead writers' temporary files are swept
+
+
+def test_concurrent_writers_create_and_fill_one_store(comp, tiny_dir, tmp_path):
+    path = tmp_path / "shared"
+    procs = [writer(tmp_path, tiny_dir, path, k * 40, (k + 1) * 40) for k in range(3)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-2000:]
+    check_store(comp, path, [f"id-{i}" for i in range(120)])
+    assert len(list(path.glob("codec-*.safetensors"))) >= 1 and (path / "manifest.json").is_file()
