@@ -30,7 +30,6 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +66,6 @@ def _pa():
 def row_schema():
     pa, _ = _pa()
     return pa.schema([(name, getattr(pa, kind)()) for name, kind in SCHEMA_FIELDS])
-
-
-@dataclass
-class _Fragment:
-    path: Path
-    row_group_starts: list[int]  # first row of each row group
 
 
 class ContextStore:
@@ -127,7 +120,7 @@ class ContextStore:
         self._lock = threading.RLock()
         self._pending: dict[str, tuple[dict[str, Any], torch.Tensor]] = {}  # id -> (row fields, codec-space vectors)
         self._index: dict[str, tuple[int, int, int]] = {}  # id -> (fragment, row group, row in group)
-        self._fragments: list[_Fragment] = []
+        self._fragments: list[Path] = []  # data files, in the order they were indexed
         self._duplicates = 0  # rows whose id an earlier fragment already holds
         self._files: dict[Path, Any] = {}  # open ParquetFiles
         self._scanned_mtime: int | None = None
@@ -327,7 +320,7 @@ class ContextStore:
             mtime = data.stat().st_mtime_ns
             if mtime == self._scanned_mtime:
                 return
-            seen = {f.path.name for f in self._fragments}
+            seen = {f.name for f in self._fragments}
             new = []
             for file in data.iterdir():
                 if file.suffix == ".parquet" and not file.name.startswith(".") and file.name not in seen:
@@ -371,7 +364,7 @@ class ContextStore:
         except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
             raise StoreError(f"{file}: not a readable store fragment ({e})") from None
         k = len(self._fragments)
-        self._fragments.append(_Fragment(file, starts))
+        self._fragments.append(file)
         g = 0
         for row, key in enumerate(ids):
             while g + 1 < len(starts) and row >= starts[g + 1]:
@@ -435,7 +428,7 @@ class ContextStore:
                 for key, r in items:
                     row = {name: table[name][r].as_py() for name in table.column_names}
                     if row["id"] != key:
-                        raise StoreError(f"{self._fragments[k].path}: row {r} of row group {g} is {row['id']!r}, "
+                        raise StoreError(f"{self._fragments[k]}: row {r} of row group {g} is {row['id']!r}, "
                                          f"expected {key!r} (the file changed after it was indexed)")
                     rows[key] = row
         head = self._require_read_head()
@@ -457,14 +450,14 @@ class ContextStore:
         _, pq = _pa()
         frag = self._fragments[k]
         try:
-            pf = self._files.get(frag.path)
+            pf = self._files.get(frag)
             if pf is None:
                 if len(self._files) >= 256:
                     self._files.clear()
-                pf = self._files[frag.path] = pq.ParquetFile(frag.path)
+                pf = self._files[frag] = pq.ParquetFile(frag)
             return pf.read_row_group(g)
         except Exception as e:
-            raise StoreError(f"{frag.path}: cannot read row group {g} ({e})") from None
+            raise StoreError(f"{frag}: cannot read row group {g} ({e})") from None
 
     def _decode_rows(self, rows: list[dict[str, Any]], head: int | None, device: torch.device) -> list[torch.Tensor]:
         """Decoder inputs of stored rows, on `device`: codes checked against the codec, decoded, the head applied."""
@@ -531,15 +524,15 @@ class ContextStore:
         _, pq = _pa()
         for k, frag in enumerate(self._fragments):
             try:
-                t = pq.read_table(frag.path, columns=["id", "num_tokens", "num_embeddings", "text_bytes"])
+                t = pq.read_table(frag, columns=["id", "num_tokens", "num_embeddings", "text_bytes"])
             except Exception as e:
-                raise StoreError(f"{frag.path}: not a readable store fragment ({e})") from None
+                raise StoreError(f"{frag}: not a readable store fragment ({e})") from None
             for key, n, e, b in zip(*(t.column(i).to_pylist() for i in range(4))):
                 if self._index.get(key, (None,))[0] == k:  # duplicates count once
                     tokens += n
                     embeddings += e
                     text += b or 0
-        disk = sum(f.path.stat().st_size for f in self._fragments)
+        disk = sum(f.stat().st_size for f in self._fragments)
         extra = (self.path / self.manifest["codec_file"]).stat().st_size if self.manifest and \
             self.manifest.get("codec_file") else 0
         return {
@@ -781,7 +774,7 @@ class ContextStore:
             return name  # an identical fragment is already committed: a retried write
         if check_ids:
             self.refresh()
-            clashing = [k for k in ids if k in self._index and self._fragments[self._index[k][0]].path != final]
+            clashing = [k for k in ids if k in self._index and self._fragments[self._index[k][0]] != final]
             if clashing:
                 raise StoreError(f"ids already stored: {', '.join(map(repr, clashing[:5]))}")
         ident = json.dumps({"store_id": self.manifest["store_id"], "codec": self._codec_label(),
