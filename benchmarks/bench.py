@@ -300,6 +300,21 @@ def bench_load(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype) -> 
                      "target": f"{device} {str(dtype).split('.')[-1]}"}
 
 
+def arguments(doc: str, presets: dict | None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --preset (when it has presets), --scale and --out."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), required=True)
+    parser.add_argument("--scale", choices=["full", "small"], default="full", help="small: toy sizes, to check the code")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    return parser
+
+
+def step(name: str) -> None:
+    """A timestamped progress line on stderr (results go to --out)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
+
+
 def save_results(out: str | Path, name: str, result: dict, text: str) -> None:
     """<out>/<name>.json and <out>/<name>.md, and the markdown on stdout."""
     out = Path(out)
@@ -373,10 +388,7 @@ def markdown(preset: str, r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--scale", choices=["full", "small"], default="full", help="small: toy sizes, to check the code")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser = arguments(__doc__, PRESETS)
     parser.add_argument("--skip-load", action="store_true", help="skip the checkpoint loading measurement")
     args = parser.parse_args()
 
@@ -388,7 +400,6 @@ def main() -> None:
     repeats = spec["repeats"]
     result: dict = {"preset": args.preset, "scale": args.scale, "machine": machine(), "dtype": str(dtype).split(".")[-1],
                     "encoder": asdict(spec["encoder"])}
-    step = lambda name: print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)  # noqa: E731
 
     step("matmul rate")
     rate = matmul_rate(spec["matmul"], spec["encoder"], dtype, device, repeats)

@@ -12,7 +12,6 @@ before its first batch (loading the encoder) next to a batch's compute time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -26,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench import ARC8, CPU_ENCODER, SMALL_ENCODER, machine, save_results  # noqa: E402
+from bench import ARC8, CPU_ENCODER, SMALL_ENCODER, arguments, machine, save_results, step  # noqa: E402
 from bench_store import corpus  # noqa: E402
 
 PRESETS = {"cpu": dict(encoder=CPU_ENCODER, passages=2000, words=(80, 120), batch=128, dtype=torch.float32),
@@ -65,11 +64,7 @@ def save_encoder(cfg, dtype: torch.dtype, folder: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--scale", choices=["full", "small"], default="full")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
+    args = arguments(__doc__, PRESETS).parse_args()
     import random
 
     import ray
@@ -79,7 +74,6 @@ def main() -> None:
     spec = dict(PRESETS[args.preset]) | (SMALL if args.scale == "small" else {})
     gpus = torch.cuda.device_count() if args.preset == "gpu" else 0
     device = "cuda" if gpus else "cpu"
-    step = lambda name: print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="arc-bench-corpus-") as work:
         work = Path(work)
         from arccompress.compressor import bundled_llama3_tokenizer

@@ -15,7 +15,6 @@ defaults (prefix caching on), except that on a CPU it may use every core (VLLM_C
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -104,11 +103,9 @@ def qa_prompts(comp, n: int, words: tuple[int, int]):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--scale", choices=["full", "small"], default="full")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
+    from bench import arguments, machine, save_results, step
+
+    args = arguments(__doc__, PRESETS).parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     # vLLM's CPU backend keeps one core for its front end by default: on a 2-core machine that halves its
     # compute against transformers' two threads. Both engines get every core here.
@@ -118,14 +115,12 @@ def main() -> None:
 
     from arccompress import Generator
     from arccompress.vllm import VLLMGenerator
-    from bench import machine, save_results
 
     spec = dict(PRESETS[args.preset]) | (SMALL if args.scale == "small" else {})
     device = "cuda" if args.preset == "gpu" and torch.cuda.is_available() else "cpu"
     new = spec["new_tokens"]
     result: dict = {"preset": args.preset, "scale": args.scale, "machine": machine(), "decoder": spec["decoder"],
                     "dtype": spec["dtype"], "prompts": spec["prompts"], "new_tokens": new}
-    step = lambda name: print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="arc-serve-") as work:
         step("building the decoder and the prompts")
         folder = build_decoder(spec["decoder"], spec["dtype"], Path(work) / "decoder")

@@ -18,7 +18,6 @@ per dimension: 256 bytes per vector, 17 vectors per context as for 130-token pas
 
 from __future__ import annotations
 
-import argparse
 import pydoc
 import random
 import shutil
@@ -255,12 +254,10 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", choices=["full", "small"], default="full")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
+    from bench import arguments, machine, save_results
+
+    args = arguments(__doc__, None).parse_args()
     torch.manual_seed(0)
-    from bench import machine, save_results
 
     with tempfile.TemporaryDirectory(prefix="arc-bench-store-") as work:
         codecs = codec_table(args.scale, Path(work))
