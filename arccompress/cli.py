@@ -342,15 +342,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_interrupted = False
+
+
+def _exit_interrupted() -> None:
+    print("arccompress: interrupted", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # at once: a library's atexit hook, interrupted in turn, would turn exit 130 into a second traceback
+    os._exit(130)
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual, so that `finally` blocks run, and is remembered: an interrupt that
+    lands inside a library (a half-done import, a bare `except`) may come out as another exception or not at all.
+    A second Ctrl-C exits at once."""
+    global _interrupted
+    if _interrupted:
+        _exit_interrupted()
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
+    own_handler = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGINT, _on_sigint) if own_handler else None
     try:
         args = build_parser().parse_args(argv)
         return _run(args)
-    except KeyboardInterrupt:
-        print("arccompress: interrupted", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # at once: a library's atexit hook, interrupted in turn, would turn exit 130 into a second traceback
-        os._exit(130)
+    except BaseException as e:
+        if _interrupted or isinstance(e, KeyboardInterrupt):
+            _exit_interrupted()
+        raise
+    finally:
+        if own_handler:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -361,6 +389,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, KeyError, OSError, ImportError, VLLMServerError, torch.OutOfMemoryError) as e:
+        if _interrupted:
+            raise  # what an interrupt turned into, not the user's error
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"arccompress {args.command}: error: {message}", file=sys.stderr)
         return 2
