@@ -91,6 +91,11 @@ def _print_store(path: str | Path) -> int:
     ]
     if s["duplicates"]:
         rows.append(("duplicates", f"{s['duplicates']} rows repeat an id (the first written is read)"))
+    return _print_rows(rows)
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> int:
+    """`name  value` lines, the values aligned."""
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -202,10 +207,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("decoder heads", heads), ("decoder hidden size", str(c.decoder_hidden_size)),
         ("head MLP", f"{c.dim} -> {c.bridge_hidden_dim} -> {c.decoder_hidden_size} (no activation)"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
-    return 0
+    return _print_rows(rows)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

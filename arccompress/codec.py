@@ -24,7 +24,8 @@ Every codec turns a (n, dim) matrix into n fixed-size byte strings and back. Dec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,6 +68,7 @@ class Codec:
     dim: int
     bits_per_dim: float | None = None
     codebook: torch.Tensor | None = None
+    _faiss_pq: Any = field(default=None, init=False, repr=False, compare=False)  # (codebook, faiss quantizer)
 
     def __post_init__(self) -> None:
         if self.quantizer == "pq":
@@ -136,19 +138,21 @@ class Codec:
 
     # ------------------------------------------------------------------ encode / decode
 
-    def _check(self, vectors: torch.Tensor, what: str) -> np.ndarray:
+    def _check_shape(self, vectors: torch.Tensor, what: str) -> None:
         if vectors.dim() != 2 or vectors.shape[1] != self.dim:
             raise CodecError(f"{what}: expected (n, {self.dim}) vectors for codec {self.name!r}, "
                              f"got {list(vectors.shape)}")
+
+    def _check(self, vectors: torch.Tensor, what: str) -> np.ndarray:
+        """The vectors as a float32 numpy array, after checking their shape."""
+        self._check_shape(vectors, what)
         return vectors.detach().to("cpu", torch.float32).contiguous().numpy()
 
     def encode(self, vectors: torch.Tensor) -> np.ndarray:
         """(n, dim) floats -> (n, bytes_per_vector) uint8."""
         if self.quantizer in FLOAT_QUANTIZERS:
-            dtype = FLOAT_QUANTIZERS[self.quantizer]
-            x = vectors.detach().to("cpu", dtype).contiguous()
-            if vectors.dim() != 2 or vectors.shape[1] != self.dim:
-                self._check(vectors, "vectors")
+            self._check_shape(vectors, "vectors")
+            x = vectors.detach().to("cpu", FLOAT_QUANTIZERS[self.quantizer]).contiguous()
             return x.view(torch.uint8).numpy().reshape(x.shape[0], self.bytes_per_vector)
         x = self._check(vectors, "vectors")
         if self.quantizer == "int8":
@@ -156,11 +160,18 @@ class Codec:
             scale[scale == 0] = 1.0
             q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
             return np.concatenate([q.view(np.uint8), scale.astype("<f4").view(np.uint8)], axis=1)
+        return self._quantizer().compute_codes(np.ascontiguousarray(x))
+
+    def _quantizer(self) -> Any:
+        """faiss's ProductQuantizer holding the codebook, built once per codebook (every flush encodes)."""
         if self.codebook is None:
             raise CodecError("the pq codebook is not trained yet")
-        pq = import_faiss().ProductQuantizer(self.dim, self.num_subquantizers, PQ_BITS)
-        import_faiss().copy_array_to_vector(self.codebook.numpy().ravel(), pq.centroids)
-        return pq.compute_codes(np.ascontiguousarray(x))
+        if self._faiss_pq is None or self._faiss_pq[0] is not self.codebook:
+            faiss = import_faiss()
+            pq = faiss.ProductQuantizer(self.dim, self.num_subquantizers, PQ_BITS)
+            faiss.copy_array_to_vector(self.codebook.numpy().ravel(), pq.centroids)
+            self._faiss_pq = (self.codebook, pq)
+        return self._faiss_pq[1]
 
     def decode(self, codes: np.ndarray) -> torch.Tensor:
         """(n, bytes_per_vector) uint8 -> (n, dim) float32."""

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
 from .prompts import fewshot_qa_prompt, first_answer
 
 MODES = ("compressed", "full", "closed")
@@ -255,11 +258,20 @@ def evaluate(
     if show_progress is None:
         show_progress = interactive_output()
 
-    def documents(i: int, mode: str) -> list:
-        r = rows[i]
-        if mode == "compressed" and r["passage_ids"] is not None and store is not None:
-            return store.get_many(r["passage_ids"], device=comp.device)
-        return list(r["passages"])
+    def documents(indices: list[int], mode: str) -> list[list]:
+        """Each row's documents: texts, or (compressed mode) contexts, the texts of all rows compressed at once."""
+        docs = []
+        for i in indices:
+            r = rows[i]
+            if mode == "compressed" and r["passage_ids"] is not None and store is not None:
+                docs.append(store.get_many(r["passage_ids"], device=comp.device))
+            else:
+                docs.append(list(r["passages"]))
+        if mode != "compressed":
+            return docs
+        texts = [d.strip() for ds in docs for d in ds if isinstance(d, str)]
+        made = iter(comp.compress(texts, chunk_size=chunk_size)) if texts else iter(())
+        return [[next(made) if isinstance(d, str) else d for d in ds] for ds in docs]
 
     compressed_examples = None
     predictions: dict[str, list[dict[str, Any]]] = {}
@@ -267,32 +279,19 @@ def evaluate(
     for mode in modes:
         prompt_mode = PROMPT_MODES[mode]
         if mode == "compressed" and compressed_examples is None:
-            docs = [documents(i, mode) for i in example_idx]
-            texts = [d for ds in docs for d in ds if isinstance(d, str)]
-            made = iter(comp.compress([t.strip() for t in texts], chunk_size=chunk_size)) if texts else iter(())
-            compressed_examples = [[next(made) if isinstance(d, str) else d for d in ds] for ds in docs]
-        examples = [(compressed_examples[k] if mode == "compressed" else documents(i, mode),
-                     rows[i]["question"], rows[i]["answers"][0]) for k, i in enumerate(example_idx)]
+            compressed_examples = documents(example_idx, mode)  # once, for every question
+        example_docs = compressed_examples if mode == "compressed" else documents(example_idx, mode)
+        examples = [(ds, rows[i]["question"], rows[i]["answers"][0]) for ds, i in zip(example_docs, example_idx)]
         done = _read_predictions(out, mode, scored)
         todo = [i for i in scored if i not in done]
         with progress_bar(total=len(scored), initial=len(scored) - len(todo), unit="question", desc=mode,
                           disable=not show_progress) as bar:
             for k in range(0, len(todo), batch_size):
                 batch = todo[k: k + batch_size]
-                docs = [documents(i, mode) for i in batch]
-                if mode == "compressed":  # this batch's passages, compressed together, once
-                    texts = [d.strip() for ds in docs for d in ds if isinstance(d, str)]
-                    made = iter(comp.compress(texts, chunk_size=chunk_size)) if texts else iter(())
-                    docs = [[next(made) if isinstance(d, str) else d for d in ds] for ds in docs]
                 prompts = [fewshot_qa_prompt(rows[i]["question"], ds, examples, mode=prompt_mode)
-                           for i, ds in zip(batch, docs)]
+                           for i, ds in zip(batch, documents(batch, mode))]
                 savings = [generator.savings(p) for p in prompts]
-                start = time.perf_counter()
-                generator.generate_ids(prompts, **(generate_kwargs | {"max_new_tokens": 1}))
-                prefill = time.perf_counter() - start
-                start = time.perf_counter()
-                ids = generator.generate_ids(prompts, **generate_kwargs)
-                total = time.perf_counter() - start
+                ids, prefill, total = _timed_generation(generator, prompts, generate_kwargs)
                 # decoded here, the same way for every backend: the same tokens give the same prediction
                 texts_out = generator.tokenizer.batch_decode(ids, skip_special_tokens=True)
                 new = []
@@ -317,6 +316,47 @@ def evaluate(
     if out is not None:
         report.save(out)
     return report
+
+
+class _FirstStepClock(LogitsProcessor):
+    """Notes when the first step's logits arrive: the end of the prefill (transformers calls logits processors
+    once per step, with or without sampling)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.at is None:
+            if scores.is_cuda:
+                torch.cuda.synchronize(scores.device)
+            self.at = time.perf_counter()
+        return scores
+
+
+def _timed_generation(generator: Any, prompts: list, kwargs: dict[str, Any]) -> tuple[list[list[int]], float, float]:
+    """(token ids, prefill seconds, total seconds) of one batch, generated once.
+
+    transformers: the prefill ends when the first step's logits reach the logits processors. vLLM: the longest
+    time to first token of the batch's requests when the engine logs statistics (disable_log_stats=False),
+    else a second, one-token run measures it."""
+    start = time.perf_counter()
+    if hasattr(generator, "generate_outputs"):  # VLLMGenerator
+        from .vllm import without_eos
+
+        outputs = generator.generate_outputs(prompts, **kwargs)
+        total = time.perf_counter() - start
+        ids = [without_eos(o.outputs[0].token_ids, generator.tokenizer) for o in outputs]
+        latencies = [o.metrics.first_token_latency for o in outputs if getattr(o, "metrics", None) is not None]
+        if outputs and len(latencies) == len(outputs):
+            return ids, max(latencies), total
+        start = time.perf_counter()
+        generator.generate_ids(prompts, **(kwargs | {"max_new_tokens": 1}))
+        return ids, time.perf_counter() - start, total
+    clock = _FirstStepClock()
+    processors = LogitsProcessorList([*(kwargs.get("logits_processor") or []), clock])
+    ids = generator.generate_ids(prompts, **(kwargs | {"logits_processor": processors}))
+    total = time.perf_counter() - start
+    return ids, (clock.at - start) if clock.at is not None else total, total
 
 
 def _decoder_name(generator: Any) -> str:

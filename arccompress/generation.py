@@ -19,16 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .checkpoint import hub_snapshot
 from .compressor import Compressor, default_dtype, resolve_dtype
-from .context import CompressedContext
-from .prompts import (
-    Prompt,
-    PromptBuilder,
-    PromptSavings,
-    as_batch,
-    check_head,
-    fewshot_qa_prompt,
-    first_answer,
-)
+from .prompts import CompressedPromptEngine, Prompt, PromptBuilder, as_batch, check_head
 from .tokenization import find_sentencepiece_model
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -38,7 +29,7 @@ UNSUPPORTED_GENERATE_KWARGS = ("return_dict_in_generate", "output_scores", "outp
                                "output_hidden_states")
 
 
-class Generator:
+class Generator(CompressedPromptEngine):
     """A causal LM from transformers plus the Compressor whose contexts it reads.
 
     >>> gen = Generator.from_pretrained("mistralai/Mistral-7B-v0.3", compressor=comp, quantization="4bit")
@@ -53,12 +44,8 @@ class Generator:
         *,
         sentencepiece_model: str | Path | None = None,
     ):
-        if not isinstance(compressor, Compressor):
-            raise TypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
-        if not isinstance(tokenizer, PreTrainedTokenizerBase):
-            raise TypeError(f"tokenizer must be a transformers tokenizer, not {type(tokenizer).__name__}")
         self.prompts = PromptBuilder(tokenizer, compressor, model.get_input_embeddings(),
-                                     sentencepiece_model=sentencepiece_model or find_sentencepiece_model(tokenizer, None))
+                                     sentencepiece_model=sentencepiece_model)
         check_head(getattr(model.config, "model_type", None), compressor)
         self.model = model
         self.tokenizer = tokenizer
@@ -135,11 +122,6 @@ class Generator:
     def segment_ids(self, prompt: Prompt) -> list[list[int]]:
         """Decoder token ids of each text run of a prompt (BOS on the first), as fed to the decoder."""
         return self.prompts.segment_ids(prompt)
-
-    def prompt_embeds(self, prompts: Prompt | Sequence[Prompt]) -> list[torch.Tensor]:
-        """One unpadded (T, H) tensor per prompt — BOS, text segments, contexts — exactly the rows
-        `prepare_inputs` places: what any engine that accepts prompt embeddings reads."""
-        return self.prompts.prompt_embeds(prompts)
 
     def prepare_inputs(self, prompts: Prompt | Sequence[Prompt]) -> dict[str, torch.Tensor]:
         """Decoder inputs for a prompt or a list of prompts, left-padded.
@@ -247,23 +229,6 @@ class Generator:
         worker.join()
         if failure:
             raise failure[0]
-
-    def answer(
-        self,
-        question: str,
-        documents: str | CompressedContext | Sequence[str | CompressedContext],
-        *,
-        examples: Sequence[tuple[Any, str, str]] = (),
-        **generate_kwargs: Any,
-    ) -> str:
-        """Answer a question from compressed documents in the paper's few-shot format; the first answer only."""
-        generate_kwargs.setdefault("max_new_tokens", 64)
-        text = self.generate(fewshot_qa_prompt(question, documents, examples), **generate_kwargs)
-        return first_answer(text)  # type: ignore[arg-type]
-
-    def savings(self, prompt: Prompt) -> PromptSavings:
-        """Decoder positions the prompt takes with its contexts compressed, and what their text would take."""
-        return self.prompts.savings(prompt)
 
 
 def decoder_directory(

@@ -343,3 +343,35 @@ class PromptBuilder:
         else:
             full = None
         return PromptSavings(full, sum(c.num_embeddings for c in contexts), text_ids, len(contexts))
+
+
+class CompressedPromptEngine:
+    """What every engine that reads compressed prompts offers besides its own `generate`: the rows it reads,
+    what compression saved, and the paper's QA format. Subclasses set `self.prompts` (a PromptBuilder)."""
+
+    prompts: PromptBuilder
+
+    def generate(self, prompt_or_prompts: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def prompt_embeds(self, prompts: Prompt | Sequence[Prompt]) -> list[torch.Tensor]:
+        """One unpadded (T, H) tensor per prompt — BOS, text segments, contexts — exactly the rows the decoder
+        reads (`Generator.prepare_inputs` left-pads them): what any engine accepting prompt embeddings takes."""
+        return self.prompts.prompt_embeds(prompts)
+
+    def savings(self, prompt: Prompt) -> PromptSavings:
+        """Decoder positions the prompt takes with its contexts compressed, and what their text would take."""
+        return self.prompts.savings(prompt)
+
+    def answer(
+        self,
+        question: str,
+        documents: str | CompressedContext | Sequence[str | CompressedContext],
+        *,
+        examples: Sequence[tuple[Any, str, str]] = (),
+        **generate_kwargs: Any,
+    ) -> str:
+        """Answer a question from compressed documents in the paper's few-shot format; the first answer only
+        (max_new_tokens defaults to 64)."""
+        generate_kwargs.setdefault("max_new_tokens", 64)
+        return first_answer(self.generate(fewshot_qa_prompt(question, documents, examples), **generate_kwargs))

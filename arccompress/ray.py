@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .corpus import EncodeBatch, is_ray_dataset
+from .corpus import EncodeBatch, is_hf_dataset, is_ray_dataset
 
 __all__ = ["EncodeBatch", "StoreDatasink", "run_ray_job"]
 
@@ -99,7 +99,7 @@ def to_ray_dataset(source: Any) -> Any:
         if path.suffix in (".jsonl", ".json"):
             return ray.data.read_json(str(path.resolve()), lines=True)
         return ray.data.read_parquet(str(path.resolve()))
-    if type(source).__module__.startswith("datasets"):
+    if is_hf_dataset(source):
         return ray.data.from_huggingface(source)
     rows = [dict(item) if isinstance(item, dict) else {"id": item[0], "text": item[1]} for item in source]
     return ray.data.from_items(rows)

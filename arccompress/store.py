@@ -370,7 +370,7 @@ class ContextStore:
             while g + 1 < len(starts) and row >= starts[g + 1]:
                 g += 1
             if not isinstance(key, str) or key in self._index:
-                self._duplicates += 1  # the first fragment (in name order) wins
+                self._duplicates += 1  # the fragment indexed first (the oldest) wins
                 continue
             self._index[key] = (k, g, row - starts[g])
 
@@ -591,34 +591,7 @@ class ContextStore:
 
     def add(self, key: str, ctx: CompressedContext) -> None:
         """Queue one context under `key`; written with the next flush (every `flush_every`)."""
-        if not isinstance(key, str) or not key:
-            raise TypeError(f"store ids must be non-empty str, not {key!r}")
-        check_text(key, f"store id {key[:40]!r}")
-        if not isinstance(ctx, CompressedContext):
-            raise TypeError(f"expected a CompressedContext for {key!r}, not {type(ctx).__name__}")
-        if key in self:
-            raise KeyError(f"{key!r} is already in the store")
-        where = f"context {key!r}"
-        check_finite(ctx.embeddings, f"{where}: embeddings")
-        self.check_compatible(ctx)
-        if isinstance(self.codec, _DeferredCodec):
-            self.codec = self.codec.resolve(ctx.hidden_size)
-        if self._pending:
-            first = next(iter(self._pending.values()))[0]
-            for field in ("encoder_fingerprint", "head", "pooling_factor"):
-                if first["_" + field] != getattr(ctx, field) and not (field == "head" and self.codec.space == "encoder"):
-                    raise StoreError(f"{where} was made by another {field.replace('_', ' ')} than the contexts "
-                                     "waiting to be written")
-        vectors = self._vectors_of(ctx, where)
-        meta = ctx.metadata()
-        self._pending[key] = ({
-            "id": key, "num_tokens": ctx.num_tokens, "num_embeddings": ctx.num_embeddings, "chunk_size": ctx.chunk_size,
-            "text_sha256": meta.get("text_sha256"), "text_bytes": int(meta["text_bytes"]) if "text_bytes" in meta else None,
-            "_encoder_fingerprint": ctx.encoder_fingerprint, "_head": ctx.head, "_pooling_factor": ctx.pooling_factor,
-            "_encoder": ctx.encoder, "_hidden_size": ctx.hidden_size,
-        }, vectors)
-        if len(self._pending) >= self.flush_every:
-            self._flush(explicit=False)
+        self.add_many([key], [ctx])
 
     def add_many(self, keys: Sequence[str], contexts: Sequence[CompressedContext]) -> None:
         """Queue several contexts; all are checked before any is queued."""
@@ -628,8 +601,30 @@ class ContextStore:
         if len(set(keys)) != len(keys):
             dup = next(k for k in keys if keys.count(k) > 1)
             raise KeyError(f"id {dup!r} is given twice")
+        rows = []
+        first = next(iter(self._pending.values()))[0] if self._pending else None
         for key, ctx in zip(keys, contexts):
-            self.add(key, ctx)
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"store ids must be non-empty str, not {key!r}")
+            if not isinstance(ctx, CompressedContext):
+                raise TypeError(f"expected a CompressedContext for {key!r}, not {type(ctx).__name__}")
+            if key in self:
+                raise KeyError(f"{key!r} is already in the store")
+            fields, vectors = self._row(key, ctx)
+            fields |= {"_encoder_fingerprint": ctx.encoder_fingerprint, "_head": ctx.head,
+                       "_pooling_factor": ctx.pooling_factor, "_encoder": ctx.encoder, "_hidden_size": ctx.hidden_size}
+            first = first or fields
+            for field in ("encoder_fingerprint", "head", "pooling_factor", "hidden_size"):
+                if first["_" + field] != fields["_" + field] and not (field == "head" and self.codec.space == "encoder"):
+                    raise StoreError(f"context {key!r} was made by another {field.replace('_', ' ')} than the "
+                                     "contexts waiting to be written")
+            rows.append((key, fields, vectors))
+        if rows and isinstance(self.codec, _DeferredCodec):
+            self.codec = self.codec.resolve(rows[0][1]["_hidden_size"])
+        for key, fields, vectors in rows:
+            self._pending[key] = (fields, vectors)
+            if len(self._pending) >= self.flush_every:
+                self._flush(explicit=False)
 
     def add_texts(self, keys: Sequence[str], texts: Sequence[str], *, chunk_size: int | None = None,
                   **compress_kwargs: Any) -> None:
@@ -716,18 +711,20 @@ class ContextStore:
         what parallel workers produce and `append` (or a Ray datasink) writes. The store must exist."""
         if self.manifest is None:
             raise StoreError(f"{self.path} has no manifest yet: create it (a first flush, or train()) before encoding")
-        keys, contexts = list(keys), list(contexts)
-        fields, vectors = [], []
-        for key, ctx in zip(keys, contexts, strict=True):
-            check_text(key, f"store id {key[:40]!r}")
-            check_finite(ctx.embeddings, f"context {key!r}: embeddings")
-            self.check_compatible(ctx)
-            meta = ctx.metadata()
-            fields.append({"id": key, "num_tokens": ctx.num_tokens, "num_embeddings": ctx.num_embeddings,
-                           "chunk_size": ctx.chunk_size, "text_sha256": meta.get("text_sha256"),
-                           "text_bytes": int(meta["text_bytes"]) if "text_bytes" in meta else None})
-            vectors.append(self._vectors_of(ctx, f"context {key!r}"))
-        return self._table(keys, fields, vectors)
+        keys = list(keys)
+        rows = [self._row(key, ctx) for key, ctx in zip(keys, contexts, strict=True)]
+        return self._table(keys, [fields for fields, _ in rows], [vectors for _, vectors in rows])
+
+    def _row(self, key: str, ctx: CompressedContext) -> tuple[dict[str, Any], torch.Tensor]:
+        """A checked context's row fields and codec-space vectors."""
+        check_text(key, f"store id {key[:40]!r}")
+        check_finite(ctx.embeddings, f"context {key!r}: embeddings")
+        self.check_compatible(ctx)
+        meta = ctx.metadata()
+        fields = {"id": key, "num_tokens": ctx.num_tokens, "num_embeddings": ctx.num_embeddings,
+                  "chunk_size": ctx.chunk_size, "text_sha256": meta.get("text_sha256"),
+                  "text_bytes": int(meta["text_bytes"]) if "text_bytes" in meta else None}
+        return fields, self._vectors_of(ctx, f"context {key!r}")
 
     def _table(self, keys: list[str], fields: list[dict[str, Any]], vectors: list[torch.Tensor]):
         pa, _ = _pa()
@@ -780,7 +777,7 @@ class ContextStore:
         ident = json.dumps({"store_id": self.manifest["store_id"], "codec": self._codec_label(),
                             "encoder_fingerprint": self.manifest["encoder_fingerprint"]})
         table = table.replace_schema_metadata({b"arccompress": ident.encode()})
-        tmp = data / f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}.parquet"
+        tmp = _temporary_path(data / name)
         try:
             pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, compression={"id": "zstd", "codes": "none"},
                            use_dictionary=["id"], write_statistics=["id"])
@@ -803,12 +800,8 @@ class ContextStore:
     def _manifest_from(self, first: CompressedContext | None) -> dict[str, Any]:
         from . import __version__
 
-        comp = self.compressor
-        if comp is not None:
-            cfg = comp.model.config
-            ident = {"encoder": comp.name, "encoder_fingerprint": comp.fingerprint, "hidden_size": cfg.decoder_hidden_size,
-                     "pooling_factor": cfg.pooling_factor, "encoder_dim": cfg.dim, "bottleneck_dim": cfg.bridge_hidden_dim,
-                     "head": comp.head}
+        if self.compressor is not None:
+            ident = {"encoder": self.compressor.name, **self._identity_of_compressor()}
         else:
             fields = first if first is not None else next(iter(self._pending.values()))[0]
             get = (lambda k: getattr(fields, k)) if isinstance(fields, CompressedContext) else (lambda k: fields["_" + k])
@@ -962,10 +955,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _temporary_path(final: Path) -> Path:
+    """Where a writer prepares `final`: `.tmp-<host>-<pid>-<random>` beside it, so that a writer on the same
+    host can tell a dead writer's leftovers (see ContextStore._clean_temporary_files) from a live one's."""
+    return final.with_name(f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}")
+
+
 def _atomic_write(path: Path, data: bytes, *, exclusive: bool) -> None:
     """Write `data` to `path` through a temporary file; with exclusive=True fail (FileExistsError) if `path`
     exists, as only one of several racing writers may create it."""
-    tmp = path.with_name(f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}")
+    tmp = _temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

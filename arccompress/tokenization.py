@@ -18,10 +18,10 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 class TextTokenizer:
     """Token ids of plain text (no BOS/EOS added), thread-safe, special-token strings kept as text.
 
-    With a SentencePiece model (Mistral, Llama 2) text goes through SentencePiece itself, which keeps the
-    dummy prefix and treats `<s>` or `[INST]` as text, as mistral_common does in the reference; transformers'
-    fast Mistral tokenizer differs on leading and double spaces. Otherwise (Llama 3) the fast tokenizer's
-    backend encodes it, with special tokens split.
+    With a SentencePiece model (given, else the tokenizer's own `tokenizer.model`; Mistral, Llama 2) text goes
+    through SentencePiece itself, which keeps the dummy prefix and treats `<s>` or `[INST]` as text, as
+    mistral_common does in the reference; transformers' fast Mistral tokenizer differs on leading and double
+    spaces. Otherwise (Llama 3) the fast tokenizer's backend encodes it, with special tokens split.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, sentencepiece_model: str | Path | None = None):
@@ -29,6 +29,8 @@ class TextTokenizer:
             raise TypeError(f"tokenizer must be a transformers tokenizer, not {type(tokenizer).__name__}")
         self.tokenizer = tokenizer
         self.sp = None
+        if sentencepiece_model is None:
+            sentencepiece_model = find_sentencepiece_model(tokenizer, None)
         if sentencepiece_model is not None:
             import sentencepiece
 

@@ -30,8 +30,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .checkpoint import CheckpointError, hub_snapshot, parse_header, read_json, read_tensor_from
 from .compressor import Compressor
-from .context import CompressedContext, check_finite
-from .prompts import Prompt, PromptBuilder, PromptSavings, as_batch, check_head, fewshot_qa_prompt, first_answer
+from .context import check_finite
+from .prompts import CompressedPromptEngine, Prompt, PromptBuilder, as_batch, check_head
 from .tokenization import find_sentencepiece_model
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -127,16 +127,19 @@ def decoder_inputs(
     return tok, weight, find_sentencepiece_model(tok, folder), config.get("model_type")
 
 
-def _without_eos(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def without_eos(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids up to the first EOS, which is dropped (what Generator.generate_ids returns)."""
     ids = list(ids)
     eos = tokenizer.eos_token_id
     return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
 
 
-def _sampling_arguments(
-    max_new_tokens: int, temperature: float, top_p: float, stop: str | Sequence[str] | None, seed: int | None
-) -> dict[str, Any]:
+def _sampling_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take this package's sampling keywords out of `kwargs` (max_new_tokens, temperature, top_p, stop, seed),
+    checked, as vLLM names them; what is left in `kwargs` is for the engine."""
+    max_new_tokens = kwargs.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    temperature, top_p = kwargs.pop("temperature", 0.0), kwargs.pop("top_p", 1.0)
+    stop, seed = kwargs.pop("stop", None), kwargs.pop("seed", None)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, not {max_new_tokens!r}")
     if not 0 <= temperature or not 0 < top_p <= 1:
@@ -145,10 +148,18 @@ def _sampling_arguments(
             "stop": [stop] if isinstance(stop, str) else list(stop or []), "seed": seed}
 
 
+def _check_length(rows: Sequence[torch.Tensor], max_new_tokens: int, max_model_len: int | None, engine: str) -> None:
+    """ValueError naming the first prompt whose positions and new tokens do not fit the engine's context."""
+    for i, row in enumerate(rows):
+        if max_model_len is not None and row.shape[0] + max_new_tokens > max_model_len:
+            raise ValueError(f"prompt {i}: {row.shape[0]} positions + {max_new_tokens} new tokens exceed the "
+                             f"{engine}'s max_model_len {max_model_len}")
+
+
 # ----------------------------------------------------------------------------- in process
 
 
-class VLLMGenerator:
+class VLLMGenerator(CompressedPromptEngine):
     """A vLLM engine reading prompts in which compressed contexts stand where text would.
 
     >>> gen = VLLMGenerator.from_pretrained("mistralai/Mistral-7B-v0.3", compressor=comp, dtype="bfloat16")
@@ -178,7 +189,7 @@ class VLLMGenerator:
         self.dtype = model_config.dtype
         self.max_model_len = int(model_config.max_model_len)
         self.prompts = PromptBuilder(tokenizer, compressor, embedding.to(self.dtype),
-                                     sentencepiece_model=sentencepiece_model or find_sentencepiece_model(tokenizer, None))
+                                     sentencepiece_model=sentencepiece_model)
         check_head(getattr(model_config.hf_config, "model_type", None), compressor)
 
     @classmethod
@@ -210,13 +221,6 @@ class VLLMGenerator:
                 f"{str(self.dtype).replace('torch.', '')}, max_model_len={self.max_model_len}, "
                 f"encoder={self.compressor.name!r}, head={self.compressor.head})")
 
-    def prompt_embeds(self, prompts: Prompt | Sequence[Prompt]) -> list[torch.Tensor]:
-        """One (T, H) tensor per prompt, in the engine's dtype: what vLLM reads."""
-        return self.prompts.prompt_embeds(prompts)
-
-    def savings(self, prompt: Prompt) -> PromptSavings:
-        return self.prompts.savings(prompt)
-
     def _sampling(self, sampling_params: Any, kwargs: dict[str, Any]) -> Any:
         from vllm import SamplingParams
 
@@ -224,29 +228,27 @@ class VLLMGenerator:
             if kwargs:
                 raise TypeError(f"give sampling_params or {', '.join(kwargs)}, not both")
             return sampling_params
-        allowed = {"max_new_tokens", "temperature", "top_p", "stop", "seed"}
-        extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in allowed}
-        args = _sampling_arguments(kwargs.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS), kwargs.pop("temperature", 0.0),
-                                   kwargs.pop("top_p", 1.0), kwargs.pop("stop", None), kwargs.pop("seed", None))
-        return SamplingParams(**args, **extra)  # other SamplingParams fields (n, top_k, ...) pass through
+        kwargs = dict(kwargs)
+        args = _sampling_arguments(kwargs)
+        return SamplingParams(**args, **kwargs)  # other SamplingParams fields (n, top_k, ...) pass through
 
     def generate_ids(self, prompts: Prompt | Sequence[Prompt], sampling_params: Any = None,
                      **kwargs: Any) -> list[list[int]]:
         """Generated token ids per prompt, stopped at EOS (EOS itself dropped), as Generator.generate_ids."""
-        return [_without_eos(o.outputs[0].token_ids, self.tokenizer) for o in self._run(prompts, sampling_params, kwargs)[0]]
+        return [without_eos(o.outputs[0].token_ids, self.tokenizer)
+                for o in self.generate_outputs(prompts, sampling_params, **kwargs)]
 
-    def _run(self, prompts: Prompt | Sequence[Prompt], sampling_params: Any, kwargs: dict[str, Any]):
-        batch, single = as_batch(prompts)
-        params = self._sampling(sampling_params, dict(kwargs))
+    def generate_outputs(self, prompts: Prompt | Sequence[Prompt], sampling_params: Any = None,
+                         **kwargs: Any) -> list[Any]:
+        """vLLM's own `RequestOutput` per prompt (all sequences, token ids, logprobs, and request metrics when
+        the engine logs statistics), for a prompt or a list of prompts; arguments as `generate`."""
+        batch, _ = as_batch(prompts)
+        params = self._sampling(sampling_params, kwargs)
         if not batch:
-            return [], single
+            return []
         rows = self.prompts.prompt_embeds(batch)
-        for i, row in enumerate(rows):
-            if row.shape[0] + params.max_tokens > self.max_model_len:
-                raise ValueError(f"prompt {i}: {row.shape[0]} positions + {params.max_tokens} new tokens exceed the "
-                                 f"engine's max_model_len {self.max_model_len}")
-        outputs = self.llm.generate([{"prompt_embeds": r} for r in rows], params, use_tqdm=False)
-        return outputs, single
+        _check_length(rows, params.max_tokens, self.max_model_len, "engine")
+        return self.llm.generate([{"prompt_embeds": r} for r in rows], params, use_tqdm=False)
 
     def generate(
         self, prompt_or_prompts: Prompt | Sequence[Prompt], sampling_params: Any = None, **kwargs: Any
@@ -256,15 +258,10 @@ class VLLMGenerator:
         Keyword arguments: max_new_tokens (default 128), temperature (default 0: greedy), top_p, stop, seed, and
         any other `vllm.SamplingParams` field; or pass a `SamplingParams` itself.
         """
-        outputs, single = self._run(prompt_or_prompts, sampling_params, kwargs)
+        single = as_batch(prompt_or_prompts)[1]
+        outputs = self.generate_outputs(prompt_or_prompts, sampling_params, **kwargs)
         texts = [[c.text for c in o.outputs] if len(o.outputs) > 1 else o.outputs[0].text for o in outputs]
         return texts[0] if single else texts
-
-    def answer(self, question: str, documents: str | CompressedContext | Sequence[str | CompressedContext], *,
-               examples: Sequence[tuple[Any, str, str]] = (), **kwargs: Any) -> str:
-        """Answer a question from compressed documents in the paper's few-shot format; the first answer only."""
-        kwargs.setdefault("max_new_tokens", 64)
-        return first_answer(self.generate(fewshot_qa_prompt(question, documents, examples), **kwargs))  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- through the server
@@ -277,7 +274,7 @@ def encode_prompt_embeds(tensor: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-class VLLMClient:
+class VLLMClient(CompressedPromptEngine):
     """Generate from a running `vllm serve <decoder> --enable-prompt-embeds` with compressed prompts.
 
     >>> client = VLLMClient("http://localhost:8000/v1", compressor=comp, decoder="mistralai/Mistral-7B-v0.3")
@@ -336,21 +333,12 @@ class VLLMClient:
         return (f"VLLMClient({self.base_url!r}, model={self.model!r}, max_model_len={self.max_model_len}, "
                 f"encoder={self.compressor.name!r}, head={self.compressor.head})")
 
-    def prompt_embeds(self, prompts: Prompt | Sequence[Prompt]) -> list[torch.Tensor]:
-        return self.prompts.prompt_embeds(prompts)
-
-    def savings(self, prompt: Prompt) -> PromptSavings:
-        return self.prompts.savings(prompt)
-
-    def check(self, embeds: torch.Tensor, max_new_tokens: int, where: str) -> None:
-        """What the client refuses to send: a wrong shape, NaN/infinity, a prompt too long for the server."""
+    def check(self, embeds: torch.Tensor, where: str) -> None:
+        """What the client refuses to send: a wrong shape, NaN/infinity (lengths: against max_model_len)."""
         if embeds.dim() != 2 or embeds.shape[1] != self.prompts.hidden_size or embeds.shape[0] == 0:
             raise ValueError(f"{where}: prompt embeddings must be (positions, {self.prompts.hidden_size}), "
                              f"not {list(embeds.shape)}")
         check_finite(embeds, f"{where}: prompt embeddings")
-        if self.max_model_len is not None and embeds.shape[0] + max_new_tokens > self.max_model_len:
-            raise ValueError(f"{where}: {embeds.shape[0]} positions + {max_new_tokens} new tokens exceed the server's "
-                             f"max_model_len {self.max_model_len}")
 
     def _request(self, embeds: torch.Tensor, args: dict[str, Any], extra: dict[str, Any], stream: bool):
         import openai
@@ -368,12 +356,12 @@ class VLLMClient:
             raise VLLMServerError(f"the server refused the request ({e.status_code}): {e.message}") from None
 
     def _prepared(self, prompts: Prompt | Sequence[Prompt], kwargs: dict[str, Any]):
-        args = _sampling_arguments(kwargs.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS), kwargs.pop("temperature", 0.0),
-                                   kwargs.pop("top_p", 1.0), kwargs.pop("stop", None), kwargs.pop("seed", None))
+        args = _sampling_arguments(kwargs)
         batch, single = as_batch(prompts)
         rows = self.prompts.prompt_embeds(batch) if batch else []
         for i, row in enumerate(rows):
-            self.check(row, args["max_tokens"], f"prompt {i}")
+            self.check(row, f"prompt {i}")
+        _check_length(rows, args["max_tokens"], self.max_model_len, "server")
         return rows, single, args, kwargs
 
     def _complete(self, prompts: Prompt | Sequence[Prompt], kwargs: dict[str, Any]) -> tuple[list[Any], bool]:
@@ -400,7 +388,7 @@ class VLLMClient:
     def generate_ids(self, prompts: Prompt | Sequence[Prompt], **kwargs: Any) -> list[list[int]]:
         """Generated token ids per prompt, as the server returns them (`return_token_ids`)."""
         choices, _ = self._complete(prompts, kwargs)
-        return [_without_eos(getattr(c, "token_ids", None) or (c.model_extra or {}).get("token_ids") or [],
+        return [without_eos(getattr(c, "token_ids", None) or (c.model_extra or {}).get("token_ids") or [],
                              self.tokenizer) for c in choices]
 
     def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
@@ -411,8 +399,3 @@ class VLLMClient:
         for chunk in self._request(rows[0], args, extra, stream=True):
             if chunk.choices and chunk.choices[0].text:
                 yield chunk.choices[0].text
-
-    def answer(self, question: str, documents: str | CompressedContext | Sequence[str | CompressedContext], *,
-               examples: Sequence[tuple[Any, str, str]] = (), **kwargs: Any) -> str:
-        kwargs.setdefault("max_new_tokens", 64)
-        return first_answer(self.generate(fewshot_qa_prompt(question, documents, examples), **kwargs))  # type: ignore[arg-type]

@@ -137,3 +137,19 @@ def test_cli_eval(tiny_dir, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "EM %" in out.stdout and "closed" in out.stdout and (tmp_path / "run" / "report.md").is_file()
+
+
+def test_each_batch_is_generated_once_and_its_prefill_timed(gen, monkeypatch):
+    calls = []
+    generate_ids = gen.generate_ids
+
+    def counting(prompts, **kwargs):
+        calls.append(kwargs.get("max_new_tokens"))
+        return generate_ids(prompts, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_ids", counting)
+    report = evaluate(qa_rows(10), generator=gen, modes=["full"], shots=2, batch_size=4, max_new_tokens=8,
+                      min_new_tokens=8)
+    assert calls == [8, 8]  # 8 scored rows in batches of 4: no extra one-token run for the prefill
+    s = report.scores["full"]
+    assert 0 < s["prefill_seconds"] < s["total_seconds"]

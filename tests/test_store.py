@@ -201,6 +201,11 @@ def test_identity_is_checked_on_open_and_add(comp, tiny_dir, contexts, tmp_path)
             store.add("d", contexts[2].to())  # copies keep `pooled`: drop it as save/load does
             store.add("d2", CompressedContext(contexts[2].embeddings, 5, comp.name, 0, 8,
                                               encoder_fingerprint=comp.fingerprint))
+        nan = CompressedContext(contexts[4].embeddings * float("nan"), 5, comp.name, 0, 8,
+                                encoder_fingerprint=comp.fingerprint)
+        with pytest.raises(ValueError, match="context 'f': embeddings"):  # the third of three: none is queued
+            store.add_many(["e", "e2", "f"], [contexts[3], contexts[4], nan])
+        assert list(store) == ["a", "d"]
     with pytest.raises(StoreError, match="encoder_fingerprint"):
         ContextStore(tmp_path / "s", compressor=other)
     with pytest.raises(StoreError, match="keeps bottleneck-float16, not decoder-float16"):
