@@ -12,11 +12,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "CheckpointError": "checkpoint",
+    "ArcCompressError": "errors",
+    "CheckpointError": "errors",
+    "ContextNotFoundError": "errors",
+    "EngineError": "errors",
+    "InputError": "errors",
     "CompressedContext": "context",
     "Compressor": "compressor",
     "ContextStore": "store",
-    "StoreError": "store",
+    "StoreError": "errors",
     "ContextText": "prompts",
     "PromptSavings": "prompts",
     "fewshot_qa_prompt": "prompts",
@@ -25,19 +29,21 @@ _EXPORTS = {
     "evaluate": "eval",
 }
 __all__ = [
-    "CheckpointError", "CompressedContext", "Compressor", "ContextStore", "ContextText", "Generator", "PromptSavings",
-    "StoreError", "compress_corpus", "evaluate", "fewshot_qa_prompt", "__version__",
+    "ArcCompressError", "CheckpointError", "CompressedContext", "Compressor", "ContextNotFoundError", "ContextStore",
+    "ContextText", "EngineError", "Generator", "InputError", "PromptSavings", "StoreError", "compress_corpus",
+    "evaluate", "fewshot_qa_prompt", "__version__",
 ]
 
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointError
     from .compressor import Compressor
     from .context import CompressedContext
     from .corpus import compress_corpus
+    from .errors import (ArcCompressError, CheckpointError, ContextNotFoundError, EngineError, InputError,
+                         StoreError)
     from .eval import evaluate
     from .generation import Generator
     from .prompts import ContextText, PromptSavings, fewshot_qa_prompt
-    from .store import ContextStore, StoreError
+    from .store import ContextStore
 
 
 def __getattr__(name: str) -> Any:

@@ -14,31 +14,26 @@ mis-shaped tensor is an error naming the tensor and the file.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 import os
 import re
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlparse
 
 import torch
 
 from .encoder import ARCEncoder, EncoderConfig
+from .errors import CheckpointError, InputError, NotFoundError
+from .hub import cache_dir
 
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
+ENCODER_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model"]  # what a hub encoder needs
 # written by the research code for reconstruction pre-training; inference never reads them
 UNUSED_PREFIXES = ("rec_tok.",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or whose contents do not match its configuration."""
 
 
 @dataclass
@@ -91,12 +86,6 @@ def combine_digests(checkpoint: Checkpoint, digests: dict[str, str]) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_dir() -> Path:
-    """arccompress's own cache: $ARCCOMPRESS_CACHE, else $XDG_CACHE_HOME/arccompress, else ~/.cache/arccompress."""
-    return Path(os.environ.get("ARCCOMPRESS_CACHE") or
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "arccompress")
-
-
 def _cache_file(checkpoint: Checkpoint) -> Path | None:
     """Where the fingerprint of these exact files is cached: keyed by path, size, mtime and inode of each."""
     root = cache_dir()
@@ -130,97 +119,6 @@ def fingerprint_cache_write(checkpoint: Checkpoint, value: str) -> str:
         except OSError:
             pass
     return value
-
-
-# ----------------------------------------------------------------------------- locating
-
-
-def resolve_directory(
-    name_or_path: str | Path,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool | None = None,
-) -> Path:
-    """A local checkpoint directory for a path or a hub id (downloaded or taken from the HF cache)."""
-    if not isinstance(name_or_path, (str, Path)):
-        raise TypeError(f"name_or_path must be a str or a Path, not {type(name_or_path).__name__}")
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; a checkpoint is a directory")
-    name = str(name_or_path)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or name.startswith((".", "/")):
-        raise FileNotFoundError(f"no checkpoint directory at {path}")
-    return Path(hub_snapshot(name, revision=revision, token=token, local_files_only=local_files_only))
-
-
-@functools.lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub's host accepts a connection (always True behind a proxy, which we cannot probe).
-
-    Without a network huggingface_hub retries with back-off for about 50 s before giving up; one TCP
-    connection attempt tells the same in milliseconds (DNS failure) or at most `timeout` seconds.
-    """
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-    except OSError:
-        return False
-    return True
-
-
-def hub_snapshot(
-    repo_id: str,
-    *,
-    revision: str | None,
-    token: str | bool | None,
-    local_files_only: bool | None,
-    allow_patterns: list[str] | None = None,
-) -> str:
-    """The local folder of a hub repository's snapshot, with errors that say what is missing."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    if not local_files_only and not hub_reachable():
-        local_files_only = True  # fail in milliseconds, not after a minute of retries; the cache still serves
-    try:
-        return snapshot_download(
-            repo_id,
-            revision=revision,
-            token=token,
-            local_files_only=bool(local_files_only),
-            allow_patterns=allow_patterns or HUB_ALLOW_PATTERNS,
-        )
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        raise FileNotFoundError(
-            f"{repo_id!r} (revision {revision or 'main'}) is not in the Hugging Face cache and could not be "
-            f"downloaded (offline or unreachable). Download it once with network access, or pass a local "
-            f"directory. ({type(e).__name__})"
-        ) from None
-    except GatedRepoError:
-        raise PermissionError(
-            f"{repo_id!r} is gated on the Hugging Face hub: accept its terms and pass token=... "
-            "(or log in with `hf auth login`)"
-        ) from None
-    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise FileNotFoundError(f"{repo_id!r}: {type(e).__name__}: no such repository or revision") from None
-    except HfHubHTTPError as e:
-        raise FileNotFoundError(f"{repo_id!r} could not be fetched from the hub: {e}") from None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -382,7 +280,7 @@ MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 def read_header(file: Path) -> tuple[int, dict[str, Any]]:
     """(header length, {key: {"dtype", "shape", "data_offsets"}}) of a safetensors file, checked."""
     if not file.is_file():
-        raise FileNotFoundError(f"missing weight file {file}")
+        raise NotFoundError(f"missing weight file {file}")
     try:
         with open(file, "rb") as f:
             return parse_header(f, file.stat().st_size, str(file))
@@ -395,19 +293,19 @@ def parse_header(f: BinaryIO, size: int, where: str) -> tuple[int, dict[str, Any
     try:
         n = int.from_bytes(f.read(8), "little")
         if not 0 < n <= min(MAX_HEADER, size - 8):
-            raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
+            raise InputError(f"header length {n} does not fit in a file of {size} bytes")
         header = json.loads(f.read(n))
         if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
+            raise InputError("header is not a JSON object")
         header.pop("__metadata__", None)
         for key, entry in header.items():
             begin, end = entry["data_offsets"]
             shape = entry["shape"]
             if entry["dtype"] not in SAFETENSORS_DTYPES or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise ValueError(f"tensor {key!r}: bad dtype or shape")
+                raise InputError(f"tensor {key!r}: bad dtype or shape")
             if not 0 <= begin <= end <= size - 8 - n or \
                     end - begin != math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize:
-                raise ValueError(f"tensor {key!r}: data offsets {begin}..{end} do not match its shape or the file")
+                raise InputError(f"tensor {key!r}: data offsets {begin}..{end} do not match its shape or the file")
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{where}: not a readable safetensors file ({e})") from None
     return n, header
@@ -437,7 +335,7 @@ def hub_weight_files(directory: Path) -> list[Path]:
         return [single]
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise CheckpointError(f"{directory}: only pickle weights found; arccompress reads safetensors only")
-    raise FileNotFoundError(f"{directory}: no model.safetensors (or model.safetensors.index.json)")
+    raise NotFoundError(f"{directory}: no model.safetensors (or model.safetensors.index.json)")
 
 
 def _map_hub_key(key: str) -> str | None:
@@ -503,7 +401,7 @@ def read_checkpoint(
         return _read_hub(name, directory)
     if (directory / "params.json").is_file():
         return _read_research(name, directory, backbone_params)
-    raise FileNotFoundError(
+    raise NotFoundError(
         f"{directory}: neither config.json (hub layout) nor params.json (research layout) found"
     )
 
@@ -564,12 +462,12 @@ def _find_backbone_params(directory: Path, given: str | Path | None) -> Path:
         path = Path(given).expanduser()
         path = path / "params.json" if path.is_dir() else path
         if not path.is_file():
-            raise FileNotFoundError(f"backbone_params: no such file {path}")
+            raise NotFoundError(f"backbone_params: no such file {path}")
         return path
     for candidate in (directory / "backbone" / "params.json", directory / "backbone_params.json"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise NotFoundError(
         f"{directory} is a research checkpoint: pass backbone_params= (the Llama-3.2-3B params.json the "
         "encoder was built from), or put it at backbone/params.json inside the checkpoint"
     )

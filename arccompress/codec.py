@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import CodecError, InputTypeError, MissingDependencyError
+
 SPACES = ("decoder", "bottleneck", "encoder")
 QUANTIZERS = ("float32", "float16", "bfloat16", "int8", "pq")
 FLOAT_QUANTIZERS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,14 +39,10 @@ PQ_BITS = 8  # bits per sub-quantizer: 256 centroids each, one byte per code
 PQ_MIN_TRAIN = 1 << PQ_BITS  # k-means needs at least as many points as centroids
 
 
-class CodecError(ValueError):
-    """A codec name or setting that cannot work for this encoder."""
-
-
 def parse_codec(name: str) -> tuple[str, str]:
     """(space, quantizer) of a codec name: "pq" -> ("bottleneck", "pq"), "float16" -> ("decoder", "float16")."""
     if not isinstance(name, str):
-        raise TypeError(f"codec must be a str, not {type(name).__name__}")
+        raise InputTypeError(f"codec must be a str, not {type(name).__name__}")
     space, _, quantizer = name.rpartition("-")
     if not space:
         space = "decoder" if quantizer in FLOAT_QUANTIZERS else "bottleneck"
@@ -193,5 +191,5 @@ def import_faiss():
     try:
         import faiss
     except ImportError:
-        raise ImportError("the pq codec needs faiss: pip install 'arccompress[pq]' (faiss-cpu)") from None
+        raise MissingDependencyError("the pq codec needs faiss: pip install 'arccompress[pq]' (faiss-cpu)") from None
     return faiss

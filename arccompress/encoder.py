@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .heads import Bridge, DecoderHead
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -66,6 +68,23 @@ def group_index(lengths: torch.Tensor, factor: int) -> torch.Tensor:
     return first_group + local
 
 
+def group_members(lengths: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens of every pooling group, (P, factor + 1) packed-row indices padded with N, and group sizes (P,).
+
+    A group holds at most factor + 1 tokens (q = n // ceil(n / factor) <= factor), so a fixed-width gather
+    followed by a sum in index order pools every group: the same additions in the same order on any device,
+    unlike a scatter-add, whose CUDA atomics add in whatever order threads arrive.
+    """
+    gid = group_index(lengths, factor)  # (N,), non-decreasing
+    P = int(group_counts(lengths, factor).sum())
+    sizes = torch.bincount(gid, minlength=P)  # (P,)
+    first = torch.cumsum(sizes, 0) - sizes
+    token = torch.arange(len(gid), device=gid.device)
+    members = torch.full((P, factor + 1), len(gid), dtype=torch.long, device=gid.device)
+    members[gid, token - first[gid]] = token
+    return members, sizes
+
+
 class Packing:
     """Where the rows of B sequences of given lengths sit: packed (N, F) or right-padded (B, T, F).
 
@@ -73,15 +92,18 @@ class Packing:
     to (B, T) and masks the padded keys. With equal lengths both layouts are the same memory.
     """
 
-    def __init__(self, lengths: torch.Tensor, head_dim: int, theta: float):
+    def __init__(self, lengths: torch.Tensor, head_dim: int, theta: float, device: torch.device):
+        # lengths (B,) on the CPU: every size is known without waiting for the device
         self.B, self.T = len(lengths), int(lengths.max())
-        positions = torch.arange(self.T, device=lengths.device)
+        positions = torch.arange(self.T)
         valid = positions[None, :] < lengths[:, None]  # (B, T)
         self.dense = bool(valid.all())
-        self.index = None if self.dense else valid.flatten().nonzero().squeeze(1)  # (N,) into B*T
-        self.key_mask = None if self.dense else valid[:, None, None, :]  # (B, 1, 1, T)
-        cos, sin = rope_angles(positions, head_dim, theta)  # (T, hs/2)
-        token_pos = positions.expand(self.B, -1).flatten() if self.dense else positions.repeat(self.B)[self.index]
+        index = None if self.dense else valid.flatten().nonzero().squeeze(1)  # (N,) into B*T
+        token_pos = positions.repeat(self.B) if self.dense else positions.repeat(self.B)[index]
+        self.index = None if index is None else index.to(device)
+        self.key_mask = None if self.dense else valid[:, None, None, :].to(device)  # (B, 1, 1, T)
+        cos, sin = rope_angles(positions.to(device), head_dim, theta)  # (T, hs/2)
+        token_pos = token_pos.to(device)
         self.cos, self.sin = cos[token_pos][:, None, :], sin[token_pos][:, None, :]  # (N, 1, hs/2)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,20 +209,8 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Bridge(nn.Module):
-    """The per-decoder head: two linear layers with no activation between them."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
-        super().__init__()
-        self.layer1 = nn.Linear(in_dim, hidden_dim, bias=False)
-        self.layer2 = nn.Linear(hidden_dim, out_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer2(self.layer1(x))
-
-
 class ARCEncoder(nn.Module):
-    """Token ids -> pooled vectors (encoder width); heads add <Cont> and map to decoder width.
+    """Token ids -> pooled vectors (encoder width); its heads (`head(i)`) add <Cont> and map to decoder width.
 
     Parameter names follow the research checkpoint (`layers.0.attention.wq.weight`, `cont_tok.0.weight`,
     `bridge_module.0.layer1.weight`) so that weight import is a one-to-one check of names and shapes.
@@ -217,33 +227,27 @@ class ARCEncoder(nn.Module):
         )
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed token ids (N,) of sequences of `lengths` (B,) -> pooled vectors (P, C) and counts (B,).
+        """Packed token ids (N,) of sequences of `lengths` (B,, on the CPU) -> pooled vectors (P, C) and counts (B,).
 
-        The first counts[0] rows of the output belong to the first sequence, and so on.
+        The first counts[0] rows of the output belong to the first sequence, and so on; counts stay on the CPU.
         """
-        cfg = self.config
-        tokens = Packing(lengths, cfg.head_dim, cfg.rope_theta)
+        cfg, device = self.config, ids.device
+        tokens = Packing(lengths, cfg.head_dim, cfg.rope_theta, device)
         x = self.tok_embeddings(ids)  # (N, C)
         for block in self.layers[:-1]:
             x = block(x, tokens)
 
-        # last block: queries are group means of its input, O(N) with an index_add
+        # last block: queries are group means of its input, summed in a fixed order (bitwise reproducible)
         counts = group_counts(lengths, cfg.pooling_factor)  # (B,)
-        gid = group_index(lengths, cfg.pooling_factor)  # (N,)
-        P = int(counts.sum())
-        sums = torch.zeros(P, cfg.dim, device=x.device, dtype=torch.float32).index_add_(0, gid, x.float())
-        sizes = torch.zeros(P, device=x.device, dtype=torch.float32).index_add_(0, gid, torch.ones_like(gid, dtype=torch.float32))
-        pooled = (sums / sizes[:, None]).to(x.dtype)  # (P, C)
-        groups = Packing(counts, cfg.head_dim, cfg.rope_theta)  # pooled vector j of a text sits at RoPE position j
+        members, sizes = group_members(lengths, cfg.pooling_factor)  # (P, factor + 1), (P,)
+        rows = torch.cat([x.float(), x.new_zeros(1, cfg.dim, dtype=torch.float32)])  # row N: the padding
+        pooled = (rows[members.to(device)].sum(1) / sizes.to(device)[:, None]).to(x.dtype)  # (P, C)
+        groups = Packing(counts, cfg.head_dim, cfg.rope_theta, device)  # pooled vector j of a text: RoPE position j
         return self.layers[-1](pooled, groups, kv=x, kv_rows=tokens), counts
 
-    def project(self, pooled: torch.Tensor, head: int) -> torch.Tensor:
-        """Vectors (N, C) of the encoder -> (N, decoder_hidden_size) through head `head`'s MLP."""
-        return self.bridge_module[head](pooled)
-
-    def cont_vector(self, head: int) -> torch.Tensor:
-        """The learned <Cont> vector of head `head`, (1, C)."""
-        return self.cont_tok[head].weight
+    def head(self, index: int) -> DecoderHead:
+        """Decoder head `index`: its MLP and its <Cont> vector."""
+        return DecoderHead(self.bridge_module[index], self.cont_tok[index].weight)
 
 
 def num_parameters(module: nn.Module) -> int:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .errors import InputError, InputTypeError, NotFoundError
 from .prompts import fewshot_qa_prompt, first_answer
 
 MODES = ("compressed", "full", "closed")
@@ -55,7 +56,7 @@ def _answers(answers: str | Sequence[str]) -> list[str]:
         return [answers]
     answers = list(answers)
     if not answers or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"answers must be a str or a non-empty list of str, not {answers!r}")
+        raise InputError(f"answers must be a str or a non-empty list of str, not {answers!r}")
     return answers
 
 
@@ -89,7 +90,7 @@ def load_rows(data: Any) -> list[dict[str, Any]]:
     if isinstance(data, (str, Path)):
         path = Path(data)
         if not path.is_file():
-            raise FileNotFoundError(f"no such data file {path}")
+            raise NotFoundError(f"no such data file {path}")
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -101,44 +102,44 @@ def load_rows(data: Any) -> list[dict[str, Any]]:
             raw, where = [], []
             for at, record in jsonl_records(path):
                 if isinstance(record, BadRowValue):
-                    raise ValueError(f"{at}: {record}")
+                    raise InputError(f"{at}: {record}")
                 raw.append(record)
                 where.append(at)
     elif isinstance(data, Iterable):
         raw = [dict(r) if not isinstance(r, dict) else r for r in data]
         where = [f"row {k}" for k in range(len(raw))]
     else:
-        raise TypeError(f"data must be a JSONL or Parquet path, a datasets.Dataset or a list of rows, not "
+        raise InputTypeError(f"data must be a JSONL or Parquet path, a datasets.Dataset or a list of rows, not "
                         f"{type(data).__name__}")
     rows = []
     for row, at in zip(raw, where):
         if not isinstance(row, dict):
-            raise ValueError(f"{at}: a row must be an object, found {type(row).__name__}")
+            raise InputError(f"{at}: a row must be an object, found {type(row).__name__}")
         question, answers = row.get("question"), row.get("answers", row.get("answer"))
         if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"{at}: no question")
+            raise InputError(f"{at}: no question")
         try:
             answers = _answers(answers)
         except ValueError:
-            raise ValueError(f"{at}: 'answers' must be a non-empty list of str") from None
+            raise InputError(f"{at}: 'answers' must be a non-empty list of str") from None
         passages, ids = row.get("passages"), row.get("passage_ids")
         if passages is not None and (not isinstance(passages, list) or not passages or
                                      not all(isinstance(p, str) and p.strip() for p in passages)):
-            raise ValueError(f"{at}: 'passages' must be a non-empty list of non-empty str")
+            raise InputError(f"{at}: 'passages' must be a non-empty list of non-empty str")
         if ids is not None and (not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids)):
-            raise ValueError(f"{at}: 'passage_ids' must be a non-empty list of str")
+            raise InputError(f"{at}: 'passage_ids' must be a non-empty list of str")
         if passages is None and ids is None:
-            raise ValueError(f"{at}: a row needs 'passages' (texts) or 'passage_ids' (ids in a store)")
+            raise InputError(f"{at}: a row needs 'passages' (texts) or 'passage_ids' (ids in a store)")
         rows.append({"question": question, "answers": answers, "passages": passages, "passage_ids": ids, "where": at})
     if not rows:
-        raise ValueError("the data has no rows")
+        raise InputError("the data has no rows")
     return rows
 
 
 def choose_examples(n_rows: int, shots: int, seed: int) -> list[int]:
     """Indices of the few-shot example rows: `shots` of them, drawn with `seed` (the same for every run)."""
     if shots < 0 or shots >= n_rows:
-        raise ValueError(f"shots must be between 0 and {n_rows - 1} for {n_rows} rows, not {shots}")
+        raise InputError(f"shots must be between 0 and {n_rows - 1} for {n_rows} rows, not {shots}")
     return sorted(random.Random(seed).sample(range(n_rows), shots))
 
 
@@ -230,11 +231,11 @@ def evaluate(
     (greedy unless told otherwise; max_new_tokens defaults to 32). Rows with `passage_ids` take their contexts
     from `store`. Each passage is compressed once per run (the examples' once for all questions).
     """
-    from .compressor import interactive_output, progress_bar
+    from .runtime import interactive_output, progress_bar
 
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
-        raise ValueError(f"modes must be among {', '.join(MODES)}, not {list(modes)}")
+        raise InputError(f"modes must be among {', '.join(MODES)}, not {list(modes)}")
     rows = load_rows(data)
     example_idx = choose_examples(len(rows), shots, seed)
     scored = [i for i in range(len(rows)) if i not in set(example_idx)]
@@ -245,9 +246,9 @@ def evaluate(
         for i in ([] if need is None else scored + example_idx):
             r = rows[i]
             if mode == "full" and r["passages"] is None:
-                raise ValueError(f"{r['where']}: mode 'full' needs the passages' text ('passages')")
+                raise InputError(f"{r['where']}: mode 'full' needs the passages' text ('passages')")
             if mode == "compressed" and r["passages"] is None and store is None:
-                raise ValueError(f"{r['where']}: 'passage_ids' need store=")
+                raise InputError(f"{r['where']}: 'passage_ids' need store=")
     generate_kwargs.setdefault("max_new_tokens", 32)
     comp = generator.compressor
     out = Path(output) if output is not None else None
@@ -387,7 +388,7 @@ def _claim_output(out: Path, run: dict[str, Any]) -> None:
         except (OSError, json.JSONDecodeError):
             previous = None
         if previous != run:
-            raise ValueError(f"{out} holds predictions of another run (settings in {marker}); choose another --output "
+            raise InputError(f"{out} holds predictions of another run (settings in {marker}); choose another --output "
                              "or remove it")
         return
     marker.write_text(json.dumps(run, indent=2))

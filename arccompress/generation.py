@@ -6,24 +6,24 @@ mask, so a prompt generates the same tokens alone or in a batch.
 
 from __future__ import annotations
 
-import logging
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .checkpoint import hub_snapshot
-from .compressor import Compressor, default_dtype, resolve_dtype
+from .compressor import Compressor
+from .errors import InputError, InputTypeError, MissingDependencyError, NotFoundError
+from .hub import resolve_folder
 from .prompts import CompressedPromptEngine, Prompt, PromptBuilder, as_batch, check_head
+from .runtime import default_dtype, quiet_bitsandbytes, quiet_loading, resolve_dtype
 from .tokenization import find_sentencepiece_model
 
 DEFAULT_MAX_NEW_TOKENS = 128
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+DECODER_FILES = ["*.json", "model*.safetensors", "tokenizer*"]  # what a hub decoder needs
 # generate() arguments whose output a Generator cannot turn into text per prompt
 UNSUPPORTED_GENERATE_KWARGS = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
                                "output_hidden_states")
@@ -75,20 +75,21 @@ class Generator(CompressedPromptEngine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not isinstance(compressor, Compressor):
-            raise TypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
+            raise InputTypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
         device = compressor.device
         dtype = resolve_dtype(dtype, device) if dtype is not None else default_dtype(device)
         if device_map is None:
             device_map = {"": str(device)}
         quant_config = quantization_config(quantization, dtype)
-        model_dir = decoder_directory(name_or_path, revision=revision, token=token, local_files_only=local_files_only)
+        model_dir = resolve_folder(name_or_path, what="decoder", revision=revision, token=token,
+                                   local_files_only=local_files_only, allow_patterns=DECODER_FILES)
         if tokenizer is None and not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
-            raise FileNotFoundError(f"{name_or_path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass tokenizer=")
+            raise NotFoundError(f"{name_or_path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass tokenizer=")
         try:
             tok = tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else AutoTokenizer.from_pretrained(
                 str(tokenizer or model_dir), trust_remote_code=False, local_files_only=True)
         except (OSError, ValueError, TypeError) as e:  # a slow tokenizer without its files raises TypeError
-            raise FileNotFoundError(f"{name_or_path}: no usable tokenizer ({e}); pass tokenizer=") from None
+            raise NotFoundError(f"{name_or_path}: no usable tokenizer ({e}); pass tokenizer=") from None
         model_kwargs.setdefault("trust_remote_code", False)
         with quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(
@@ -131,7 +132,7 @@ class Generator(CompressedPromptEngine):
         """
         rows = self.prompt_embeds(prompts)
         if not rows:
-            raise ValueError("no prompts given")
+            raise InputError("no prompts given")
         longest = max(r.shape[0] for r in rows)
         inputs = rows[0].new_zeros(len(rows), longest, rows[0].shape[1])
         mask = torch.zeros(len(rows), longest, device=rows[0].device, dtype=torch.long)
@@ -146,11 +147,11 @@ class Generator(CompressedPromptEngine):
         kwargs = dict(kwargs)
         for key in UNSUPPORTED_GENERATE_KWARGS:
             if kwargs.get(key):
-                raise ValueError(f"{key}=True: Generator returns text; for transformers' raw output call "
+                raise InputError(f"{key}=True: Generator returns text; for transformers' raw output call "
                                  "gen.model.generate(**gen.prepare_inputs(prompts), ...)")
         n = kwargs.get("num_return_sequences", 1)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_return_sequences must be a positive int, not {n!r}")
+            raise InputError(f"num_return_sequences must be a positive int, not {n!r}")
         if "max_new_tokens" not in kwargs and "max_length" not in kwargs:
             kwargs["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
         if kwargs.get("pad_token_id") is None and self.model.generation_config.pad_token_id is None:
@@ -206,10 +207,10 @@ class Generator(CompressedPromptEngine):
         from transformers import TextIteratorStreamer
 
         if not as_batch(prompt)[1]:
-            raise TypeError("stream takes one prompt (a str or a list of parts holding a context)")
+            raise InputTypeError("stream takes one prompt (a str or a list of parts holding a context)")
         kwargs = self._generate_kwargs(generate_kwargs)
         if kwargs.get("num_return_sequences", 1) > 1:
-            raise ValueError("stream gives one sequence: num_return_sequences must be 1")
+            raise InputError("stream gives one sequence: num_return_sequences must be 1")
         inputs = self.prepare_inputs([prompt])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs["streamer"] = streamer
@@ -231,51 +232,6 @@ class Generator(CompressedPromptEngine):
             raise failure[0]
 
 
-def decoder_directory(
-    name_or_path: str | Path, *, revision: str | None, token: str | bool | None, local_files_only: bool | None
-) -> Path:
-    """A local folder for a decoder given as a path or a hub id (config, tokenizer, safetensors weights)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
-        raise FileNotFoundError(f"no decoder directory at {path}")
-    return Path(hub_snapshot(str(name_or_path), revision=revision, token=token, local_files_only=local_files_only,
-                             allow_patterns=["*.json", "model*.safetensors", "tokenizer*"]))
-
-
-@contextmanager
-def quiet_bitsandbytes() -> Iterator[None]:
-    """Hold back bitsandbytes' per-call log lines (one "MatMul8bitLt: inputs will be cast" per layer and step,
-    "Failed to load CPU gemm_4bit_forward" on every CPU load): it still computes the same, and errors still show."""
-    logger = logging.getLogger("bitsandbytes")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module="bitsandbytes")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Silence transformers' weight-loading progress bars and info lines, and bitsandbytes, for one load."""
-    from transformers.utils import logging as hf_logging
-
-    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        with quiet_bitsandbytes():
-            yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-        hf_logging.set_verbosity(verbosity)
-
-
 def quantization_config(quantization: str | Any | None, dtype: torch.dtype) -> Any | None:
     """A BitsAndBytesConfig for "4bit" (nf4, double quant, compute dtype = dtype) or "8bit"."""
     if quantization is None:
@@ -283,12 +239,12 @@ def quantization_config(quantization: str | Any | None, dtype: torch.dtype) -> A
     from transformers import BitsAndBytesConfig
 
     if not isinstance(quantization, BitsAndBytesConfig) and quantization not in ("4bit", "8bit"):
-        raise ValueError(f"quantization must be None, '4bit', '8bit' or a BitsAndBytesConfig, not {quantization!r}")
+        raise InputError(f"quantization must be None, '4bit', '8bit' or a BitsAndBytesConfig, not {quantization!r}")
     try:
         with quiet_bitsandbytes():  # its import logs a line about optional CPU kernels
             import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ImportError(
+        raise MissingDependencyError(
             f"quantization={quantization!r} needs bitsandbytes: pip install 'arccompress[quantization]'"
         ) from None
     if isinstance(quantization, BitsAndBytesConfig):

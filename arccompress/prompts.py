@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from .compressor import DECODER_FAMILIES, FAMILY_HEADS, Compressor
+from .compressor import Compressor
 from .context import REPR_PATTERN, CompressedContext, check_finite
+from .errors import InputError, InputTypeError
+from .heads import head_for_decoder
 from .tokenization import TextTokenizer, check_text
 
 
@@ -86,13 +88,13 @@ def fewshot_qa_prompt(
     closed forms are returned as one str.
     """
     if mode not in ("compressed", "text", "closed"):
-        raise ValueError(f"mode must be 'compressed', 'text' or 'closed', not {mode!r}")
+        raise InputError(f"mode must be 'compressed', 'text' or 'closed', not {mode!r}")
     parts: list[Part] = []
 
     def add_documents(docs: Any, where: str) -> None:
         docs = [docs] if isinstance(docs, (str, CompressedContext, ContextText)) else docs
         if not isinstance(docs, Sequence) or not docs:
-            raise ValueError(f"{where}: every question needs at least one document (a str, a CompressedContext "
+            raise InputError(f"{where}: every question needs at least one document (a str, a CompressedContext "
                              "or a list of them)")
         if mode == "closed":
             return
@@ -101,7 +103,7 @@ def fewshot_qa_prompt(
             for k, d in enumerate(docs):
                 text = d if isinstance(d, str) else getattr(d, "text", None)
                 if text is None:
-                    raise ValueError(f"{where}, document {k}: mode='text' needs the document's text")
+                    raise InputError(f"{where}, document {k}: mode='text' needs the document's text")
                 texts.append(check_text(text, f"{where}, document {k}").strip())
             parts.append("Document: " + "\n".join(texts))
             return
@@ -112,12 +114,12 @@ def fewshot_qa_prompt(
             elif isinstance(d, (CompressedContext, ContextText)):
                 parts.append(d)
             else:
-                raise TypeError(f"{where}, document {k}: expected a str or a CompressedContext, not {type(d).__name__}")
+                raise InputTypeError(f"{where}, document {k}: expected a str or a CompressedContext, not {type(d).__name__}")
 
     newline = "" if mode == "closed" else "\n"
     for n, example in enumerate(examples):
         if not isinstance(example, (tuple, list)) or len(example) != 3:
-            raise TypeError(f"example {n} must be a (documents, question, answer) triple")
+            raise InputTypeError(f"example {n} must be a (documents, question, answer) triple")
         docs, q, a = example
         add_documents(docs, f"example {n}")
         q, a = check_text(q, f"example {n} question"), check_text(a, f"example {n} answer")
@@ -144,7 +146,7 @@ def as_batch(prompts: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
     if isinstance(prompts, (str, CompressedContext, ContextText)):
         return [prompts], True
     if not isinstance(prompts, Sequence):
-        raise TypeError(f"prompts must be a str, a list of parts or a list of prompts, not {type(prompts).__name__}")
+        raise InputTypeError(f"prompts must be a str, a list of parts or a list of prompts, not {type(prompts).__name__}")
     if all(isinstance(p, str) or (isinstance(p, Sequence) and not isinstance(p, str)) for p in prompts):
         return list(prompts), False
     return [prompts], True
@@ -152,23 +154,9 @@ def as_batch(prompts: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
 
 def check_head(model_type: str | None, compressor: Compressor) -> None:
     """Two-head encoders: the head must be the decoder family's; pick it if the compressor left it open."""
-    if compressor.num_heads != 2:
-        return
-    wanted = DECODER_FAMILIES.get(model_type or "")
-    if wanted is None:
-        if compressor.head is None:
-            raise ValueError(
-                f"decoder model_type {model_type!r} is neither llama nor mistral: choose the encoder head "
-                "with Compressor.select_head()"
-            )
-        return
-    if compressor.head is None:
-        compressor.select_head(wanted)
-    elif compressor.head != wanted:
-        raise ValueError(
-            f"the compressor uses head {compressor.head} but this is a {model_type} decoder, "
-            f"whose head is {wanted} ({FAMILY_HEADS})"
-        )
+    head = head_for_decoder(model_type, compressor.num_heads, compressor.head)
+    if head is not None and head != compressor.head:
+        compressor.select_head(head)
 
 
 class PromptBuilder:
@@ -187,12 +175,12 @@ class PromptBuilder:
         sentencepiece_model: str | Path | None = None,
     ):
         if not isinstance(compressor, Compressor):
-            raise TypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
+            raise InputTypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
         weight = embedding if isinstance(embedding, torch.Tensor) else embedding.weight
         if weight.dim() != 2:
-            raise ValueError(f"the decoder's input embeddings must be a (vocab, hidden) matrix, not {list(weight.shape)}")
+            raise InputError(f"the decoder's input embeddings must be a (vocab, hidden) matrix, not {list(weight.shape)}")
         if weight.shape[1] != compressor.decoder_hidden_size:
-            raise ValueError(
+            raise InputError(
                 f"decoder hidden size {weight.shape[1]} does not match the encoder head's output size "
                 f"{compressor.decoder_hidden_size}: this encoder was not trained for this decoder"
             )
@@ -225,18 +213,18 @@ class PromptBuilder:
         if isinstance(prompt, (str, CompressedContext, ContextText)):
             prompt = [prompt]
         if not isinstance(prompt, Sequence):
-            raise TypeError(f"{where} must be a str or a list of parts, not {type(prompt).__name__}")
+            raise InputTypeError(f"{where} must be a str or a list of parts, not {type(prompt).__name__}")
         for j, part in enumerate(prompt):
             text = part if isinstance(part, str) else part.text if isinstance(part, ContextText) else None
             if text is not None:
                 check_text(text, f"{where}, part {j}")
                 if REPR_PATTERN.search(text):
-                    raise ValueError(
+                    raise InputError(
                         f"{where}, part {j}: the text holds a CompressedContext's repr, not the context: put the "
                         "context in the list as its own part, e.g. [\"Document: \", ctx, \"\\nQuestion: ...\"]"
                     )
             elif not isinstance(part, CompressedContext):
-                raise TypeError(
+                raise InputTypeError(
                     f"{where}, part {j}: expected str, CompressedContext or ContextText, not {type(part).__name__}"
                 )
         return list(prompt)
@@ -244,11 +232,11 @@ class PromptBuilder:
     def check_context(self, ctx: CompressedContext, where: str) -> None:
         comp = self.compressor
         if ctx.hidden_size != self.hidden_size:
-            raise ValueError(f"{where}: context hidden size {ctx.hidden_size} != decoder's {self.hidden_size}")
+            raise InputError(f"{where}: context hidden size {ctx.hidden_size} != decoder's {self.hidden_size}")
         if ctx.head != comp.head:
-            raise ValueError(f"{where}: context was made by encoder head {ctx.head}, this decoder reads head {comp.head}")
+            raise InputError(f"{where}: context was made by encoder head {ctx.head}, this decoder reads head {comp.head}")
         if ctx.encoder_fingerprint and ctx.encoder_fingerprint != comp.fingerprint:
-            raise ValueError(f"{where}: context was made by another encoder ({ctx.encoder!r}, weights "
+            raise InputError(f"{where}: context was made by another encoder ({ctx.encoder!r}, weights "
                              f"{ctx.encoder_fingerprint}) than this one ({comp.fingerprint})")
         check_finite(ctx.embeddings, f"{where}: context embeddings")
 
@@ -316,13 +304,13 @@ class PromptBuilder:
                     if isinstance(piece, list):
                         ids = torch.tensor(piece, device=self.device)
                         if int(ids.max()) >= self.vocab_size:
-                            raise ValueError(f"prompt {i}: token id {int(ids.max())} is outside the decoder's "
+                            raise InputError(f"prompt {i}: token id {int(ids.max())} is outside the decoder's "
                                              f"embedding table ({self.vocab_size})")
                         parts.append(self._embed(ids).to(self.dtype))
                     else:
                         parts.append(piece.embeddings.to(device=self.device, dtype=self.dtype))
                 if not parts:
-                    raise ValueError(f"prompt {i} is empty: no text, no context and no BOS token")
+                    raise InputError(f"prompt {i} is empty: no text, no context and no BOS token")
                 rows.append(torch.cat(parts))
         return rows
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .corpus import EncodeBatch, is_hf_dataset, is_ray_dataset
+from .errors import InputError
 
 __all__ = ["EncodeBatch", "StoreDatasink", "run_ray_job"]
 
@@ -134,7 +135,7 @@ def run_ray_job(
     if num_workers is None:
         num_workers = int(gpus // num_gpus_per_worker) if num_gpus_per_worker else 2
     if num_workers < 1:
-        raise ValueError(f"num_workers must be at least 1 (the cluster has {gpus:g} GPUs)")
+        raise InputError(f"num_workers must be at least 1 (the cluster has {gpus:g} GPUs)")
     if num_cpus_per_worker is None:
         # GPU workers take one CPU each; CPU workers share the cluster's CPUs but leave one to the pipeline's
         # other stages (reading, re-blocking, writing), which would wait forever without it

@@ -36,8 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codec import FLOAT_QUANTIZERS, Codec, CodecError, parse_codec
+from . import __version__
+from .codec import FLOAT_QUANTIZERS, Codec, parse_codec
 from .context import CompressedContext, check_castable, check_finite
+from .errors import CodecError, ContextNotFoundError, InputError, InputTypeError, StoreError
+from .heads import resolve_head
 from .tokenization import check_text
 
 FORMAT = "arccompress-store"
@@ -50,10 +53,6 @@ SCHEMA_FIELDS = (  # column, pyarrow type name
     ("id", "string"), ("num_tokens", "int32"), ("num_embeddings", "int32"), ("chunk_size", "int32"),
     ("text_sha256", "string"), ("text_bytes", "int64"), ("codes", "binary"),
 )
-
-
-class StoreError(ValueError):
-    """A store that cannot be read, or a context that does not belong in it."""
 
 
 def _pa():
@@ -105,13 +104,13 @@ class ContextStore:
         from .compressor import Compressor
 
         if compressor is not None and not isinstance(compressor, Compressor):
-            raise TypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
+            raise InputTypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
         for name, value in (("flush_every", flush_every), ("train_size", train_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, not {value!r}")
+                raise InputError(f"{name} must be a positive int, not {value!r}")
         if dtype is not None:
             if codec is not None:
-                raise ValueError("give codec= or dtype=, not both")
+                raise InputError("give codec= or dtype=, not both")
             codec = _dtype_name(dtype)
         self.path = Path(path)
         self.compressor = compressor
@@ -263,8 +262,6 @@ class ContextStore:
     def _resolve_read_head(self, head: int | str | None) -> int | None:
         """The decoder head contexts are read for: the store's own, or for an encoder-space store (which serves
         every head of its encoder) the one asked for, the compressor's, or the only one."""
-        from .compressor import resolve_head
-
         if self.codec.space != "encoder":
             stored = self.manifest.get("head") if self.manifest is not None else \
                 (self.compressor.head if self.compressor is not None else None)
@@ -410,11 +407,11 @@ class ContextStore:
     ) -> list[CompressedContext]:
         """The contexts stored under `keys`, in that order (e.g. a retriever's top-k): one read per row group."""
         if isinstance(keys, str):
-            raise TypeError("get_many takes a list of ids; use store[id] for one")
+            raise InputTypeError("get_many takes a list of ids; use store[id] for one")
         keys = list(keys)
         missing = [k for k in keys if k not in self]
         if missing:
-            raise KeyError(f"not in {self.path}: {', '.join(map(repr, missing[:5]))}"
+            raise ContextNotFoundError(f"not in {self.path}: {', '.join(map(repr, missing[:5]))}"
                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         rows: dict[str, dict[str, Any]] = {}
         with self._lock:
@@ -583,10 +580,7 @@ class ContextStore:
         if head not in self._heads:
             if self.compressor is None:
                 raise StoreError(f"{self.path}: no weights for head {head}")
-            bridge = self.compressor.model.bridge_module[head]
-            self._heads[head] = {"layer1": bridge.layer1.weight.detach().to("cpu", torch.float32),
-                                 "layer2": bridge.layer2.weight.detach().to("cpu", torch.float32),
-                                 "cont": self.compressor.model.cont_vector(head).detach().to("cpu", torch.float32)}
+            self._heads[head] = self.compressor.model.head(head).to("cpu", torch.float32).weights()
         return self._heads[head]
 
     def add(self, key: str, ctx: CompressedContext) -> None:
@@ -597,19 +591,19 @@ class ContextStore:
         """Queue several contexts; all are checked before any is queued."""
         keys, contexts = list(keys), list(contexts)
         if len(keys) != len(contexts):
-            raise ValueError(f"{len(keys)} ids for {len(contexts)} contexts")
+            raise InputError(f"{len(keys)} ids for {len(contexts)} contexts")
         if len(set(keys)) != len(keys):
             dup = next(k for k in keys if keys.count(k) > 1)
-            raise KeyError(f"id {dup!r} is given twice")
+            raise InputError(f"id {dup!r} is given twice")
         rows = []
         first = next(iter(self._pending.values()))[0] if self._pending else None
         for key, ctx in zip(keys, contexts):
             if not isinstance(key, str) or not key:
-                raise TypeError(f"store ids must be non-empty str, not {key!r}")
+                raise InputTypeError(f"store ids must be non-empty str, not {key!r}")
             if not isinstance(ctx, CompressedContext):
-                raise TypeError(f"expected a CompressedContext for {key!r}, not {type(ctx).__name__}")
+                raise InputTypeError(f"expected a CompressedContext for {key!r}, not {type(ctx).__name__}")
             if key in self:
-                raise KeyError(f"{key!r} is already in the store")
+                raise StoreError(f"{key!r} is already in the store")
             fields, vectors = self._row(key, ctx)
             fields |= {"_encoder_fingerprint": ctx.encoder_fingerprint, "_head": ctx.head,
                        "_pooling_factor": ctx.pooling_factor, "_encoder": ctx.encoder, "_hidden_size": ctx.hidden_size}
@@ -632,7 +626,7 @@ class ContextStore:
         comp = self._require_compressor("add_texts")
         keys, texts = list(keys), list(texts)
         if len(keys) != len(texts):
-            raise ValueError(f"{len(keys)} ids for {len(texts)} texts")
+            raise InputError(f"{len(keys)} ids for {len(texts)} texts")
         for k in range(0, len(keys), self.flush_every):
             contexts = comp.compress(texts[k: k + self.flush_every], chunk_size=chunk_size, **compress_kwargs)
             self.add_many(keys[k: k + self.flush_every], contexts)
@@ -798,8 +792,6 @@ class ContextStore:
             return False
 
     def _manifest_from(self, first: CompressedContext | None) -> dict[str, Any]:
-        from . import __version__
-
         if self.compressor is not None:
             ident = {"encoder": self.compressor.name, **self._identity_of_compressor()}
         else:
@@ -928,7 +920,7 @@ def _read_v1(path: Path) -> Iterator[tuple[str, CompressedContext]]:
 def _dtype_name(dtype: str | torch.dtype) -> str:
     name = str(dtype).replace("torch.", "")
     if name not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"storage dtype must be one of bfloat16, float16, float32, not {dtype!r}")
+        raise InputError(f"storage dtype must be one of bfloat16, float16, float32, not {dtype!r}")
     return name
 
 

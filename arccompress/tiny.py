@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from . import __version__
 from .encoder import ARCEncoder, EncoderConfig
+from .errors import InputError
+from .hub import cache_dir
 
 TINY_ENCODER = EncoderConfig(
     dim=64,
@@ -111,7 +114,7 @@ def build_tiny_encoder(
 ) -> Path:
     """Write a tiny random ARC-Encoder at `path` in the hub or research layout; return `path`."""
     if layout not in ("hub", "research"):
-        raise ValueError(f"layout must be 'hub' or 'research', not {layout!r}")
+        raise InputError(f"layout must be 'hub' or 'research', not {layout!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = replace(TINY_ENCODER, num_decoders=num_decoders, decoder_hidden_size=decoder_hidden_size)
@@ -178,7 +181,7 @@ def build_tiny_decoder(
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
     if family not in classes:
-        raise ValueError(f"family must be one of {sorted(classes)}, not {family!r}")
+        raise InputError(f"family must be one of {sorted(classes)}, not {family!r}")
     path = Path(path)
     tokenizer = byte_level_tokenizer()
     config_cls, model_cls = classes[family]
@@ -210,8 +213,12 @@ def build_tiny_decoder(
     return path
 
 
+TINY_PAIR_HIDDEN = 256  # 4 attention heads of 64: the smallest head vLLM's CPU attention serves
+
+
 def build_tiny_pair(root: str | Path | None = None) -> tuple[Path, Path]:
-    """A tiny encoder (hub layout) and a tiny Llama-architecture decoder it fits, under `root`.
+    """A tiny encoder (hub layout) and a tiny Llama-architecture decoder it fits, under `root`; vLLM serves the
+    decoder too (head size 64).
 
     Without `root` they are built once into the user's cache (~/.cache/arccompress/tiny-<versions>) and reused,
     so examples and demos leave nothing behind in /tmp; a half-built folder is never used (built aside, then
@@ -220,10 +227,7 @@ def build_tiny_pair(root: str | Path | None = None) -> tuple[Path, Path]:
     if root is None:
         import transformers
 
-        from . import __version__
-        from .checkpoint import cache_dir
-
-        root = cache_dir() / f"tiny-{__version__}-transformers-{transformers.__version__}"
+        root = cache_dir() / f"tiny-{__version__}-h{TINY_PAIR_HIDDEN}-transformers-{transformers.__version__}"
         if not (root / "tiny-decoder" / "config.json").is_file():
             root.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root.parent))
@@ -236,7 +240,7 @@ def build_tiny_pair(root: str | Path | None = None) -> tuple[Path, Path]:
     root = Path(root)
     encoder, decoder = root / "tiny-arc-encoder", root / "tiny-decoder"
     if not (encoder / "config.json").is_file():
-        build_tiny_encoder(encoder)
+        build_tiny_encoder(encoder, decoder_hidden_size=TINY_PAIR_HIDDEN)
     if not (decoder / "config.json").is_file():
-        build_tiny_decoder(decoder)
+        build_tiny_decoder(decoder, hidden_size=TINY_PAIR_HIDDEN)
     return encoder, decoder

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .errors import InputError, InputTypeError
+
 
 class TextTokenizer:
     """Token ids of plain text (no BOS/EOS added), thread-safe, special-token strings kept as text.
@@ -26,7 +28,7 @@ class TextTokenizer:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, sentencepiece_model: str | Path | None = None):
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
-            raise TypeError(f"tokenizer must be a transformers tokenizer, not {type(tokenizer).__name__}")
+            raise InputTypeError(f"tokenizer must be a transformers tokenizer, not {type(tokenizer).__name__}")
         self.tokenizer = tokenizer
         self.sp = None
         if sentencepiece_model is None:
@@ -41,7 +43,7 @@ class TextTokenizer:
         self.backend = None
         if self.sp is None:
             if not isinstance(tokenizer, PreTrainedTokenizerFast):
-                raise TypeError(
+                raise InputTypeError(
                     f"{type(tokenizer).__name__} is a slow tokenizer: pass a fast one (AutoTokenizer's default), "
                     "whose special tokens can be read as plain text"
                 )
@@ -71,11 +73,11 @@ class TextTokenizer:
 def check_text(text: object, where: str) -> str:
     """`text` if it is a str that UTF-8 can encode; a clear TypeError / ValueError naming `where` otherwise."""
     if not isinstance(text, str):
-        raise TypeError(f"{where} must be a str, not {type(text).__name__}")
+        raise InputTypeError(f"{where} must be a str, not {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(
+        raise InputError(
             f"{where} holds a lone surrogate {text[e.start]!r} at character {e.start}, which is not text "
             "(decode your input with errors='replace' or 'surrogatepass' and fix it)"
         ) from None

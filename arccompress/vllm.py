@@ -28,16 +28,18 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .checkpoint import CheckpointError, hub_snapshot, parse_header, read_json, read_tensor_from
+from .checkpoint import parse_header, read_json, read_tensor_from
 from .compressor import Compressor
 from .context import check_finite
+from .errors import CheckpointError, EngineError, InputError, InputTypeError, NotFoundError
+from .hub import is_hub_id, resolve_folder
 from .prompts import CompressedPromptEngine, Prompt, PromptBuilder, as_batch, check_head
 from .tokenization import find_sentencepiece_model
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
-class VLLMServerError(RuntimeError):
+class VLLMServerError(EngineError):
     """The vLLM server refused a request or could not be reached."""
 
 
@@ -70,6 +72,8 @@ def read_embedding_matrix(
 
         where = str(local)
     else:
+        if not is_hub_id(decoder):
+            raise NotFoundError(f"no decoder folder at {local}")
         if filesystem is None:
             from huggingface_hub import HfFileSystem
 
@@ -100,7 +104,7 @@ def read_embedding_matrix(
                 f.seek(0)
             return read_tensor_from(f, size, key, f"{where}/{name}")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{where}: no {name} (safetensors weights) to read the input embeddings from") from None
+        raise NotFoundError(f"{where}: no {name} (safetensors weights) to read the input embeddings from") from None
 
 
 def decoder_inputs(
@@ -114,15 +118,15 @@ def decoder_inputs(
     """(tokenizer, input-embedding matrix, SentencePiece model file, model_type) of a decoder, without its
     other weights."""
     local = Path(decoder).expanduser()
-    folder = local if local.is_dir() else Path(hub_snapshot(
-        str(decoder), revision=revision, token=token, local_files_only=local_files_only,
-        allow_patterns=["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "*.model"]))
+    folder = resolve_folder(decoder, what="decoder", revision=revision, token=token, local_files_only=local_files_only,
+                            allow_patterns=["config.json", "generation_config.json", "tokenizer*",
+                                            "special_tokens_map.json", "*.model"])
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     try:
         tok = tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else AutoTokenizer.from_pretrained(
             str(tokenizer or folder), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{decoder}: no usable tokenizer ({e}); pass tokenizer=") from None
+        raise NotFoundError(f"{decoder}: no usable tokenizer ({e}); pass tokenizer=") from None
     weight = read_embedding_matrix(decoder, revision=revision, token=token)
     return tok, weight, find_sentencepiece_model(tok, folder), config.get("model_type")
 
@@ -141,9 +145,9 @@ def _sampling_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
     temperature, top_p = kwargs.pop("temperature", 0.0), kwargs.pop("top_p", 1.0)
     stop, seed = kwargs.pop("stop", None), kwargs.pop("seed", None)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, not {max_new_tokens!r}")
+        raise InputError(f"max_new_tokens must be a positive int, not {max_new_tokens!r}")
     if not 0 <= temperature or not 0 < top_p <= 1:
-        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], not {temperature!r}, {top_p!r}")
+        raise InputError(f"temperature must be >= 0 and top_p in (0, 1], not {temperature!r}, {top_p!r}")
     return {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
             "stop": [stop] if isinstance(stop, str) else list(stop or []), "seed": seed}
 
@@ -152,7 +156,7 @@ def _check_length(rows: Sequence[torch.Tensor], max_new_tokens: int, max_model_l
     """ValueError naming the first prompt whose positions and new tokens do not fit the engine's context."""
     for i, row in enumerate(rows):
         if max_model_len is not None and row.shape[0] + max_new_tokens > max_model_len:
-            raise ValueError(f"prompt {i}: {row.shape[0]} positions + {max_new_tokens} new tokens exceed the "
+            raise InputError(f"prompt {i}: {row.shape[0]} positions + {max_new_tokens} new tokens exceed the "
                              f"{engine}'s max_model_len {max_model_len}")
 
 
@@ -180,7 +184,7 @@ class VLLMGenerator(CompressedPromptEngine):
     ):
         model_config = llm.llm_engine.model_config
         if not getattr(model_config, "enable_prompt_embeds", False):
-            raise ValueError("the vLLM engine was built without enable_prompt_embeds=True")
+            raise InputError("the vLLM engine was built without enable_prompt_embeds=True")
         if embedding is None:
             embedding = read_embedding_matrix(model_config.model)
         self.llm = llm
@@ -208,7 +212,7 @@ class VLLMGenerator(CompressedPromptEngine):
         from vllm import LLM
 
         if not isinstance(compressor, Compressor):
-            raise TypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
+            raise InputTypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
         tok, weight, sp_model, _ = decoder_inputs(decoder, tokenizer=tokenizer, revision=revision, token=token)
         llm_kwargs["enable_prompt_embeds"] = True
         llm = LLM(model=str(decoder), tokenizer=str(tokenizer) if isinstance(tokenizer, (str, Path)) else None,
@@ -226,7 +230,7 @@ class VLLMGenerator(CompressedPromptEngine):
 
         if sampling_params is not None:
             if kwargs:
-                raise TypeError(f"give sampling_params or {', '.join(kwargs)}, not both")
+                raise InputTypeError(f"give sampling_params or {', '.join(kwargs)}, not both")
             return sampling_params
         kwargs = dict(kwargs)
         args = _sampling_arguments(kwargs)
@@ -302,7 +306,7 @@ class VLLMClient(CompressedPromptEngine):
         import openai
 
         if not isinstance(compressor, Compressor):
-            raise TypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
+            raise InputTypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
         self.base_url = base_url
         try:
@@ -314,10 +318,10 @@ class VLLMClient(CompressedPromptEngine):
         names = [m.id for m in served]
         if model is None:
             if len(names) != 1:
-                raise ValueError(f"{base_url} serves {names}: choose one with model=")
+                raise InputError(f"{base_url} serves {names}: choose one with model=")
             model = names[0]
         elif model not in names:
-            raise ValueError(f"{base_url} does not serve {model!r}; it serves {names}")
+            raise InputError(f"{base_url} does not serve {model!r}; it serves {names}")
         self.model = model
         card = next(m for m in served if m.id == model)
         self.max_model_len = getattr(card, "max_model_len", None) or (card.model_extra or {}).get("max_model_len")
@@ -336,7 +340,7 @@ class VLLMClient(CompressedPromptEngine):
     def check(self, embeds: torch.Tensor, where: str) -> None:
         """What the client refuses to send: a wrong shape, NaN/infinity (lengths: against max_model_len)."""
         if embeds.dim() != 2 or embeds.shape[1] != self.prompts.hidden_size or embeds.shape[0] == 0:
-            raise ValueError(f"{where}: prompt embeddings must be (positions, {self.prompts.hidden_size}), "
+            raise InputError(f"{where}: prompt embeddings must be (positions, {self.prompts.hidden_size}), "
                              f"not {list(embeds.shape)}")
         check_finite(embeds, f"{where}: prompt embeddings")
 
@@ -394,7 +398,7 @@ class VLLMClient(CompressedPromptEngine):
     def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
         """Yield the generated text of one prompt piece by piece, as the server produces it."""
         if not as_batch(prompt)[1]:
-            raise TypeError("stream takes one prompt (a str or a list of parts holding a context)")
+            raise InputTypeError("stream takes one prompt (a str or a list of parts holding a context)")
         rows, _, args, extra = self._prepared(prompt, dict(kwargs))
         for chunk in self._request(rows[0], args, extra, stream=True):
             if chunk.choices and chunk.choices[0].text:

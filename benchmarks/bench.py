@@ -274,7 +274,7 @@ def bench_load(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype) -> 
     disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     code = (
         "import json, shutil, sys, time, torch\n"
-        "from arccompress.checkpoint import cache_dir, load_model, read_checkpoint\n"
+        "from arccompress.checkpoint import load_model, read_checkpoint\nfrom arccompress.hub import cache_dir\n"
         # VmHWM is this process's own peak; ru_maxrss would inherit the parent's across fork + exec
         "hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1e6\n"
         "base = hwm()\n"

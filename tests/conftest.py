@@ -88,3 +88,11 @@ def tiny_dir(tmp_path_factory) -> Path:
     build_tiny_decoder(root / "llama-decoder", family="llama")
     build_tiny_decoder(root / "mistral-decoder", family="mistral", seed=1)
     return root
+
+
+# slowest last, so that a run shows progress at once: end-to-end runs of whole programs and benchmarks at the end
+SLOW_LAST = ("test_vllm.py", "test_examples.py", "test_corpus.py", "test_benchmarks.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: SLOW_LAST.index(item.path.name) + 1 if item.path.name in SLOW_LAST else 0)

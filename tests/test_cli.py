@@ -85,7 +85,7 @@ def test_info(tiny_dir):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["info", "/no/such/dir"], "no checkpoint directory"),
+        (["info", "/no/such/dir"], "no such folder"),
         (["compress", "--encoder", "{hub}", "--jsonl", "/no/file.jsonl", "--store", "{tmp}/s"], "no such source file"),
         (["compress", "--encoder", "{hub}", "--jsonl", "{bad}", "--store", "{tmp}/s"], r"bad.jsonl:2: not JSON"),
         (["compress", "--encoder", "{hub}", "--jsonl", "{array}", "--store", "{tmp}/s"], r"array.jsonl:1: a JSON list"),
@@ -99,7 +99,13 @@ def test_info(tiny_dir):
         (["ask", "--encoder", "{hub}", "--decoder", "{dec}", "--store", "{tmp}/none", "--ids", "x",
           "--question", "q"], "no store at"),
         (["ask", "--encoder", "{hub}", "--decoder", "{tmp}/no-decoder", "--text", "t", "--question", "q"],
-         "no decoder directory"),
+         "no decoder folder at"),
+        (["ask", "--encoder", "{hub}", "--decoder", "{dec}", "--store", "{tmp}", "--question", "q"],
+         "--store needs --ids"),
+        (["ask", "--encoder", "{hub}", "--decoder", "{dec}", "--text", "t", "--ids", "x", "--question", "q"],
+         "--ids reads a store: it goes with --store, not with --text"),
+        (["ask", "--tiny", "--encoder", "{hub}", "--text", "t", "--question", "q"], "--tiny chooses the models"),
+        (["ask", "--decoder", "{dec}", "--text", "t", "--question", "q"], "give --encoder"),
         (["ask", "--encoder", "{hub}", "--decoder", "{dec}", "--text", "t", "--question", "q", "--examples", "{ex}"],
          r"ex.jsonl:1: an example needs document, question and answer; missing answer"),
     ],
@@ -145,7 +151,7 @@ def test_cuda_without_a_gpu_is_one_line(tiny_dir, docs, tmp_path):
 
 def test_user_error_from_a_real_process_has_no_traceback():
     out = run("info", "/no/such/dir")
-    assert out.returncode == 2 and "no checkpoint directory" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "no such folder" in out.stderr and "Traceback" not in out.stderr
 
 
 INTERRUPTED_INSIDE_A_LIBRARY = """
@@ -161,7 +167,7 @@ def command(args):  # Ctrl-C lands inside library code that {what}
     print("finished")
     return 0
 
-cli.cmd_info = command
+cli.info.run_info = command
 sys.exit(cli.main(["info", "x"]))
 """
 
@@ -195,3 +201,35 @@ def test_ctrl_c_is_one_line_at_any_moment(tiny_dir, docs, tmp_path):
             continue  # finished before the signal: nothing to check
         assert proc.returncode == 130, err
         assert "Traceback" not in err and err.strip().count("\n") == 0, err
+
+
+def test_an_internal_error_is_a_bug_with_its_traceback(monkeypatch, capsys):
+    from arccompress.cli import info
+
+    def broken(args):
+        return {}["missing"]  # a KeyError inside the package: a bug, not the user's input
+
+    monkeypatch.setattr(info, "run_info", broken)
+    assert main(["info", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError: 'missing'" in err and "internal error" in err
+
+
+def test_debug_shows_the_traceback_of_a_user_error(capsys):
+    assert main(["info", "/no/such/dir", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().endswith("no such folder (neither a context store nor a checkpoint)")
+
+
+def test_tiny_models_on_every_model_command(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": f"d{i}", "text": f"Passage {i} about rivers."}) + "\n" for i in range(3)))
+    out = run("compress", "--tiny", "--jsonl", docs, "--store", tmp_path / "s")
+    assert out.returncode == 0, out.stderr
+    out = run("ask", "--tiny", "--store", tmp_path / "s", "--ids", "d0", "d2", "--question", "Which river?")
+    assert out.returncode == 0 and "prompt" in out.stderr, out.stderr
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answers": ["a"], "passages": [f"p {i}"]}) + "\n"
+                            for i in range(4)))
+    out = run("eval", "--tiny", "--data", data, "--shots", "1", "--modes", "compressed", "--no-progress")
+    assert out.returncode == 0 and "compressed" in out.stdout, out.stderr

@@ -69,7 +69,8 @@ def test_chunking_concatenates_chunks_then_one_cont(comp):
     ctx = comp.compress_ids(ids, chunk_size=chunk)
     with torch.inference_mode():
         pooled = comp.encode_sequences([ids[i:i + chunk] for i in range(0, len(ids), chunk)], 64, 10_000)
-        expected = comp.model.project(torch.cat(pooled + [comp.model.cont_vector(0)]), 0)
+        head = comp.model.head(0)
+        expected = head.bridge(torch.cat(pooled + [head.cont]))
     assert ctx.num_embeddings == sum(-(-len(ids[i:i + chunk]) // 8) for i in range(0, len(ids), chunk)) + 1
     assert torch.allclose(ctx.embeddings, expected, atol=1e-6)
     assert ctx.chunk_size == chunk
@@ -185,8 +186,10 @@ def hub_copy(tiny_dir, tmp_path):
 
 
 def test_missing_directory_and_offline_hub_id(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+    with pytest.raises(FileNotFoundError, match="no encoder folder at"):
         Compressor.from_pretrained(tmp_path / "nothing-here")
+    with pytest.raises(FileNotFoundError, match="no encoder folder at runs/ckpt, and as a hub id: 'runs/ckpt'"):
+        Compressor.from_pretrained("runs/ckpt", local_files_only=True)  # a mistyped folder or a hub id: both said
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(FileNotFoundError, match="kyutai/ARC8_Encoder_Mistral.*not in the Hugging Face cache"):

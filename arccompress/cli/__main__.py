@@ -1,0 +1,7 @@
+"""`python -m arccompress.cli`: the `arccompress` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""`arccompress info` (a checkpoint or a store) and `arccompress convert` (a 0.1 store, once)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import NotFoundError
+
+
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("info", parents=[common], help="describe an ARC-Encoder checkpoint or a context store")
+    p.add_argument("name", help="hub id or local folder of a checkpoint, or a store folder")
+    p.add_argument("--backbone-params", help="research layout: the backbone's params.json")
+    p.add_argument("--revision", help="hub revision")
+    p.add_argument("--token", help="Hugging Face token")
+    p.add_argument("--offline", action="store_true", help="use only the local Hugging Face cache")
+    p.set_defaults(run=run_info)
+
+    p = sub.add_parser("convert", parents=[common], help="copy an arccompress 0.1 store into the current format, once")
+    p.add_argument("old", help="the 0.1 store (index.jsonl and safetensors shards)")
+    p.add_argument("new", help="the new store folder")
+    p.add_argument("--codec", default="float16", help="a decoder-space codec (float32, float16, bfloat16, decoder-int8)")
+    p.set_defaults(run=run_convert)
+
+
+def print_rows(rows: list[tuple[str, str]]) -> int:
+    """`name  value` lines, the values aligned."""
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def print_store(path: str | Path) -> int:
+    from ..store import ContextStore
+
+    store = ContextStore(path)
+    s = store.stats()
+    m = store.manifest or {}
+    rows = [
+        ("store", str(path)), ("contexts", f"{s['contexts']:,}"), ("codec", s["codec"]),
+        ("encoder", f"{m.get('encoder')} (weights {m.get('encoder_fingerprint')})"),
+        ("head", "every head" if m.get("head") is None else str(m.get("head"))),
+        ("tokens", f"{s['tokens']:,} -> {s['embeddings']:,} embeddings"),
+        ("on disk", f"{s['data_bytes'] / 1e6:,.2f} MB in {s['fragments']} fragments (+ {s['codec_bytes'] / 1e6:.2f} MB "
+                    "codec file)"),
+        ("bytes per token", f"{s['bytes_per_token']:.2f} stored vs {s['text_bytes_per_token']:.2f} of raw UTF-8 text"),
+    ]
+    if s["duplicates"]:
+        rows.append(("duplicates", f"{s['duplicates']} rows repeat an id (the first written is read)"))
+    return print_rows(rows)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import ENCODER_FILES, read_checkpoint
+    from ..encoder import ARCEncoder, num_parameters
+    from ..hub import is_hub_id, resolve_folder
+
+    path = Path(args.name)
+    if (path / "manifest.json").is_file():
+        return print_store(path)
+    if not path.exists() and not is_hub_id(args.name):
+        raise NotFoundError(f"{args.name}: no such folder (neither a context store nor a checkpoint)")
+    directory = resolve_folder(args.name, what="checkpoint", revision=args.revision, token=args.token,
+                               local_files_only=args.offline or None, allow_patterns=ENCODER_FILES)
+    ckpt = read_checkpoint(args.name, directory, backbone_params=args.backbone_params)
+    c = ckpt.config
+    with torch.device("meta"):
+        params = num_parameters(ARCEncoder(c))
+    heads = "0 = Llama-3.1-8B, 1 = Mistral-7B" if c.num_decoders == 2 else "1"
+    rows = [
+        ("checkpoint", args.name), ("directory", str(directory)), ("layout", ckpt.layout),
+        ("weights dtype", ckpt.disk_dtype()), ("weights hash", ckpt.fingerprint()),
+        ("parameters", f"{params:,}"),
+        ("encoder", f"{c.n_layers} blocks, dim {c.dim}, {c.n_heads} heads / {c.n_kv_heads} kv, head dim "
+                    f"{c.head_dim}, MLP {c.hidden_dim}, vocab {c.vocab_size}, rope theta {c.rope_theta:g}"),
+        ("pooling factor", str(c.pooling_factor)),
+        ("decoder heads", heads), ("decoder hidden size", str(c.decoder_hidden_size)),
+        ("head MLP", f"{c.dim} -> {c.bridge_hidden_dim} -> {c.decoder_hidden_size} (no activation)"),
+    ]
+    return print_rows(rows)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from ..store import ContextStore
+
+    ContextStore.convert(args.old, args.new, codec=args.codec)
+    return print_store(args.new)
