@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+from .version import __version__
 
 _EXPORTS = {
     "ArcCompressError": "errors",
@@ -17,32 +17,40 @@ _EXPORTS = {
     "ContextNotFoundError": "errors",
     "EngineError": "errors",
     "InputError": "errors",
+    "StoreError": "errors",
     "CompressedContext": "context",
     "Compressor": "compressor",
     "ContextStore": "store",
-    "StoreError": "errors",
+    "ContextRef": "prompts",
     "ContextText": "prompts",
     "PromptSavings": "prompts",
+    "TokenIds": "prompts",
     "fewshot_qa_prompt": "prompts",
+    "Completion": "engine",
+    "Engine": "engine",
+    "Sampling": "engine",
     "Generator": "generation",
+    "ServiceClient": "client",
     "compress_corpus": "corpus",
     "evaluate": "eval",
 }
 __all__ = [
-    "ArcCompressError", "CheckpointError", "CompressedContext", "Compressor", "ContextNotFoundError", "ContextStore",
-    "ContextText", "EngineError", "Generator", "InputError", "PromptSavings", "StoreError", "compress_corpus",
-    "evaluate", "fewshot_qa_prompt", "__version__",
+    "ArcCompressError", "CheckpointError", "Completion", "CompressedContext", "Compressor", "ContextNotFoundError",
+    "ContextRef", "ContextStore", "ContextText", "Engine", "EngineError", "Generator", "InputError", "PromptSavings",
+    "Sampling", "ServiceClient", "StoreError", "TokenIds", "compress_corpus", "evaluate", "fewshot_qa_prompt",
+    "__version__",
 ]
 
 if TYPE_CHECKING:
+    from .client import ServiceClient
     from .compressor import Compressor
     from .context import CompressedContext
     from .corpus import compress_corpus
-    from .errors import (ArcCompressError, CheckpointError, ContextNotFoundError, EngineError, InputError,
-                         StoreError)
+    from .engine import Completion, Engine, Sampling
+    from .errors import ArcCompressError, CheckpointError, ContextNotFoundError, EngineError, InputError, StoreError
     from .eval import evaluate
     from .generation import Generator
-    from .prompts import ContextText, PromptSavings, fewshot_qa_prompt
+    from .prompts import ContextRef, ContextText, PromptSavings, TokenIds, fewshot_qa_prompt
     from .store import ContextStore
 
 

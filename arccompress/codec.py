@@ -24,6 +24,7 @@ Every codec turns a (n, dim) matrix into n fixed-size byte strings and back. Dec
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,11 @@ PQ_BITS = 8  # bits per sub-quantizer: 256 centroids each, one byte per code
 PQ_MIN_TRAIN = 1 << PQ_BITS  # k-means needs at least as many points as centroids
 
 
+DEFAULT_CODEC = "bottleneck-float16"
+# what a message offers: the names people use; every [space-]quantizer pair is valid
+SUGGESTED = ("float32", "float16", "bfloat16", DEFAULT_CODEC, "int8", "pq", "encoder-float16")
+
+
 def parse_codec(name: str) -> tuple[str, str]:
     """(space, quantizer) of a codec name: "pq" -> ("bottleneck", "pq"), "float16" -> ("decoder", "float16")."""
     if not isinstance(name, str):
@@ -47,11 +53,23 @@ def parse_codec(name: str) -> tuple[str, str]:
     if not space:
         space = "decoder" if quantizer in FLOAT_QUANTIZERS else "bottleneck"
     if space not in SPACES or quantizer not in QUANTIZERS:
+        offered = ", ".join(n + (" (the default)" if n == DEFAULT_CODEC else "") for n in SUGGESTED[:-1])
         raise CodecError(
-            f"unknown codec {name!r}: write [space-]quantizer with space in {', '.join(SPACES)} and quantizer in "
-            f"{', '.join(QUANTIZERS)} (e.g. 'float16', 'bottleneck-float16', 'int8', 'pq', 'encoder-float16')"
+            f"unknown codec {name!r}: choose {offered} or {SUGGESTED[-1]} (a codec is an optional space, "
+            f"{', '.join(SPACES[:-1])} or {SPACES[-1]}, then a quantizer: e.g. bottleneck-int8)"
+            + _did_you_mean(name)
         )
     return space, quantizer
+
+
+def _did_you_mean(name: str) -> str:
+    """"; did you mean 'float16'?" for a near miss (each part matched on its own), else ""."""
+    space, _, quantizer = name.lower().rpartition("-")
+    q = difflib.get_close_matches(quantizer, QUANTIZERS, n=1, cutoff=0.5)
+    s = difflib.get_close_matches(space, SPACES, n=1, cutoff=0.5) if space else [""]
+    if not q or not s:
+        return ""
+    return f"; did you mean {(s[0] + '-' if s[0] else '') + q[0]!r}?"
 
 
 @dataclass
@@ -86,6 +104,11 @@ class Codec:
     @property
     def name(self) -> str:
         return f"{self.space}-{self.quantizer}"
+
+    @property
+    def label(self) -> str:
+        """The name, with the pq bits: "bottleneck-pq at 1 bits/dim"."""
+        return self.name + (f" at {self.bits_per_dim:g} bits/dim" if self.quantizer == "pq" else "")
 
     @property
     def num_subquantizers(self) -> int:
@@ -152,12 +175,15 @@ class Codec:
             self._check_shape(vectors, "vectors")
             x = vectors.detach().to("cpu", FLOAT_QUANTIZERS[self.quantizer]).contiguous()
             return x.view(torch.uint8).numpy().reshape(x.shape[0], self.bytes_per_vector)
+        if self.quantizer == "int8":  # computed where the vectors are (on a GPU, the host only copies the bytes)
+            self._check_shape(vectors, "vectors")
+            with torch.no_grad():
+                x = vectors.detach().to(torch.float32, copy=True)  # a copy: worked on in place below
+                scale = x.abs().amax(dim=1, keepdim=True).div_(127.0)
+                scale.masked_fill_(scale == 0, 1.0)
+                q = x.div_(scale).round_().clamp_(-127, 127).to(torch.int8).cpu().numpy()
+            return np.concatenate([q.view(np.uint8), scale.cpu().numpy().astype("<f4").view(np.uint8)], axis=1)
         x = self._check(vectors, "vectors")
-        if self.quantizer == "int8":
-            scale = np.abs(x).max(axis=1, keepdims=True) / 127.0
-            scale[scale == 0] = 1.0
-            q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
-            return np.concatenate([q.view(np.uint8), scale.astype("<f4").view(np.uint8)], axis=1)
         return self._quantizer().compute_codes(np.ascontiguousarray(x))
 
     def _quantizer(self) -> Any:

@@ -16,7 +16,7 @@ from .checkpoint import ENCODER_FILES, Checkpoint, load_model, read_checkpoint
 from .context import CompressedContext
 from .encoder import ARCEncoder
 from .errors import InputError, InputTypeError, NotFoundError
-from .heads import FAMILY_HEADS, DecoderHead, resolve_head
+from .heads import FAMILY_HEADS, resolve_head
 from .hub import resolve_folder
 from .runtime import interactive_output, progress_bar, resolve_device, resolve_dtype
 from .tokenization import TextTokenizer, check_text

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .errors import InputError, InputTypeError, NotFoundError
+from .errors import InputError, NotFoundError
+from .version import __version__
 
 FORMAT = "arccompress-context"
 # what repr() of a context looks like: a prompt string holding it was made by formatting a context by mistake

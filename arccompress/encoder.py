@@ -10,6 +10,7 @@ padded keys, so a sequence's result does not depend on what it is batched with.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +38,28 @@ class EncoderConfig:
     bridge_hidden_dim: int
     decoder_hidden_size: int
 
-    def flops_per_token(self) -> float:
-        """Matmul FLOPs per input token of the forward (2 x weights touched per token, no attention)."""
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+    def compress_flops(self, lengths: Sequence[int]) -> float:
+        """Matmul FLOPs of compressing sequences of these lengths with one head: what MFU is counted on.
+
+        A multiply-add is 2 FLOPs. The first n_layers - 1 blocks run every projection and the FFN on all
+        N tokens; the last block projects keys and values of all N tokens, but queries, output and FFN only
+        on the P = sum(ceil(n / factor)) pooled rows, whose queries attend to their sequence's n tokens.
+        The head maps the P rows C -> B -> H (its one <Cont> row per call is left out). Elementwise work
+        (norms, RoPE, softmax, pooling sums) is not counted.
+        """
+        n_tokens = sum(lengths)
+        n_pooled = sum(max(1, math.ceil(n / self.pooling_factor)) for n in lengths)
+        q_o = 2 * self.dim * self.n_heads * self.head_dim  # (C -> nh * hs) and back
+        k_v = 2 * self.dim * self.n_kv_heads * self.head_dim
         ffn = 3 * self.dim * self.hidden_dim
-        return 2.0 * self.n_layers * (attn + ffn)
+        head = self.dim * self.bridge_hidden_dim + self.bridge_hidden_dim * self.decoder_hidden_size
+        weights = (self.n_layers - 1) * n_tokens * (q_o + k_v + ffn) + n_tokens * k_v + n_pooled * (q_o + ffn + head)
+        # scores q.k and weighted values, per query head: 2 matmuls of (rows x hs x keys)
+        attention = 0
+        for n in lengths:
+            queries = (self.n_layers - 1) * n + max(1, math.ceil(n / self.pooling_factor))
+            attention += 2 * queries * n * self.head_dim * self.n_heads
+        return 2.0 * (weights + attention)
 
 
 def group_counts(lengths: torch.Tensor, factor: int) -> torch.Tensor:
@@ -252,12 +270,3 @@ class ARCEncoder(nn.Module):
 
 def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def attention_flops(lengths: list[int], cfg: EncoderConfig) -> float:
-    """Attention score and value FLOPs of one forward over sequences of these lengths."""
-    per_head = 0.0
-    for n in lengths:
-        m = math.ceil(n / cfg.pooling_factor)
-        per_head += 4.0 * cfg.head_dim * (n * n * (cfg.n_layers - 1) + m * n)
-    return per_head * cfg.n_heads

@@ -1,27 +1,32 @@
 """Generator: a transformers decoder reading prompts in which compressed contexts stand where text would.
 
 Prompts are built by `PromptBuilder` (see `arccompress.prompts`); rows are left-padded with an attention
-mask, so a prompt generates the same tokens alone or in a batch.
+mask, so a prompt generates the same tokens alone or in a batch. The public API is `Engine`'s
+(`arccompress.engine`); transformers' own `generate` arguments pass through.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
+                          StoppingCriteria, StoppingCriteriaList)
 
 from .compressor import Compressor
+from .engine import (Completion, LocalEngine, Sampling, StopFilter, cut_at_eos, cut_at_stop, decoder_fingerprint,
+                     without_cut_character)
 from .errors import InputError, InputTypeError, MissingDependencyError, NotFoundError
 from .hub import resolve_folder
-from .prompts import CompressedPromptEngine, Prompt, PromptBuilder, as_batch, check_head
-from .runtime import default_dtype, quiet_bitsandbytes, quiet_loading, resolve_dtype
+from .prompts import ContextSource, Part, Prompt, PromptBuilder, check_head, normalize
+from .runtime import default_dtype, quiet_bitsandbytes, quiet_loading, resolve_dtype, synchronize
 from .tokenization import find_sentencepiece_model
 
-DEFAULT_MAX_NEW_TOKENS = 128
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 DECODER_FILES = ["*.json", "model*.safetensors", "tokenizer*"]  # what a hub decoder needs
 # generate() arguments whose output a Generator cannot turn into text per prompt
@@ -29,11 +34,15 @@ UNSUPPORTED_GENERATE_KWARGS = ("return_dict_in_generate", "output_scores", "outp
                                "output_hidden_states")
 
 
-class Generator(CompressedPromptEngine):
+class Generator(LocalEngine):
     """A causal LM from transformers plus the Compressor whose contexts it reads.
 
     >>> gen = Generator.from_pretrained("mistralai/Mistral-7B-v0.3", compressor=comp, quantization="4bit")
     >>> gen.generate(["Document: ", comp.compress(doc), "\nQuestion: Who?\nAnswer:"], max_new_tokens=20)
+
+    Besides the common keywords (max_new_tokens, temperature, top_p, stop, seed, n), transformers' `generate`
+    arguments pass through (do_sample, num_beams, stop_strings, repetition_penalty, logits_processor, ...);
+    `num_return_sequences` is n. With temperature > 0 and no do_sample, it samples.
     """
 
     def __init__(
@@ -43,6 +52,7 @@ class Generator(CompressedPromptEngine):
         compressor: Compressor,
         *,
         sentencepiece_model: str | Path | None = None,
+        store: ContextSource | None = None,
     ):
         self.prompts = PromptBuilder(tokenizer, compressor, model.get_input_embeddings(),
                                      sentencepiece_model=sentencepiece_model)
@@ -50,6 +60,8 @@ class Generator(CompressedPromptEngine):
         self.model = model
         self.tokenizer = tokenizer
         self.compressor = compressor
+        self.store = store
+        self._fingerprint: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -57,6 +69,7 @@ class Generator(CompressedPromptEngine):
         name_or_path: str | Path,
         *,
         compressor: Compressor,
+        store: ContextSource | None = None,
         quantization: str | Any | None = None,
         dtype: torch.dtype | str | None = None,
         device_map: str | dict | None = None,
@@ -68,8 +81,9 @@ class Generator(CompressedPromptEngine):
     ) -> Generator:
         """Load a causal LM (safetensors only) on the compressor's device, optionally 4- or 8-bit.
 
-        quantization: None, "4bit" (nf4, double quantization, compute dtype = dtype), "8bit", or a
-        transformers BitsAndBytesConfig (needs `pip install arccompress[quantization]`). Extra keyword
+        quantization: None, "4bit" (nf4, double quantization, compute dtype = dtype), "8bit" (bitsandbytes
+        computes in float16: dtype float16, its default then on CUDA), or a transformers BitsAndBytesConfig
+        (needs `pip install arccompress[quantization]`). store: where ContextRef parts are read. Extra keyword
         arguments go to `from_pretrained` of transformers.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,7 +91,12 @@ class Generator(CompressedPromptEngine):
         if not isinstance(compressor, Compressor):
             raise InputTypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
         device = compressor.device
-        dtype = resolve_dtype(dtype, device) if dtype is not None else default_dtype(device)
+        if dtype is not None:
+            dtype = resolve_dtype(dtype, device)
+        elif quantization == "8bit" and device.type == "cuda":
+            dtype = torch.float16
+        else:
+            dtype = default_dtype(device)
         if device_map is None:
             device_map = {"": str(device)}
         quant_config = quantization_config(quantization, dtype)
@@ -97,12 +116,11 @@ class Generator(CompressedPromptEngine):
                 use_safetensors=True, local_files_only=True, **model_kwargs,
             )
         model.eval()
-        return cls(model, tok, compressor, sentencepiece_model=find_sentencepiece_model(tok, model_dir))
+        return cls(model, tok, compressor, sentencepiece_model=find_sentencepiece_model(tok, model_dir), store=store)
 
     def __repr__(self) -> str:
         cfg = self.model.config
-        quant = getattr(cfg, "quantization_config", None)
-        quant = f", quantization={'4bit' if getattr(quant, 'load_in_4bit', False) else '8bit'}" if quant else ""
+        quant = f", quantization={self.quantization}" if self.quantization else ""
         return (
             f"Generator({getattr(cfg, '_name_or_path', '') or cfg.model_type!r}, model_type={cfg.model_type}, "
             f"hidden_size={self.prompts.hidden_size}, tokenization={self.prompts.text.kind}, device={self.device}, "
@@ -110,7 +128,7 @@ class Generator(CompressedPromptEngine):
             f"head={self.compressor.head})"
         )
 
-    # ------------------------------------------------------------------ prompts
+    # ------------------------------------------------------------------ what it is
 
     @property
     def device(self) -> torch.device:
@@ -119,6 +137,24 @@ class Generator(CompressedPromptEngine):
     @property
     def embedding_dtype(self) -> torch.dtype:
         return self.prompts.dtype
+
+    @property
+    def quantization(self) -> str | None:
+        quant = getattr(self.model.config, "quantization_config", None)
+        if quant is None:
+            return None
+        get = quant.get if isinstance(quant, dict) else lambda key: getattr(quant, key, None)
+        return "4bit" if get("load_in_4bit") else "8bit" if get("load_in_8bit") else str(get("quant_method"))
+
+    def describe(self) -> dict[str, Any]:
+        if self._fingerprint is None:
+            self._fingerprint = decoder_fingerprint(self.model.config.to_dict(), self.prompts.weight)
+        cfg = self.model.config
+        return {"backend": "transformers", "decoder": str(getattr(cfg, "_name_or_path", "") or cfg.model_type),
+                "decoder_fingerprint": self._fingerprint, "quantization": self.quantization,
+                "dtype": str(self.embedding_dtype).replace("torch.", ""), **self.encoder_description()}
+
+    # ------------------------------------------------------------------ prompts
 
     def segment_ids(self, prompt: Prompt) -> list[list[int]]:
         """Decoder token ids of each text run of a prompt (BOS on the first), as fed to the decoder."""
@@ -130,116 +166,218 @@ class Generator(CompressedPromptEngine):
         Returns {"inputs_embeds": (B, T, H), "attention_mask": (B, T)} on the decoder's device, in its
         embedding dtype: pass them to `model.generate` or `model(...)` of transformers.
         """
-        rows = self.prompt_embeds(prompts)
-        if not rows:
+        batch, _ = normalize(prompts)
+        if not batch:
             raise InputError("no prompts given")
-        longest = max(r.shape[0] for r in rows)
-        inputs = rows[0].new_zeros(len(rows), longest, rows[0].shape[1])
-        mask = torch.zeros(len(rows), longest, device=rows[0].device, dtype=torch.long)
-        for b, r in enumerate(rows):
-            inputs[b, longest - r.shape[0]:] = r  # left padding: the last position is real for every row
-            mask[b, longest - r.shape[0]:] = 1
-        return {"inputs_embeds": inputs, "attention_mask": mask}
+        return left_pad(self.prompt_rows(batch))
 
     # ------------------------------------------------------------------ generation
 
-    def _generate_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        kwargs = dict(kwargs)
+    def sampling(self, **kwargs: Any) -> Sampling:
+        """Generation keywords: the common ones, transformers' `num_return_sequences` as n, the rest for `generate`."""
+        if "num_return_sequences" in kwargs:
+            n = kwargs.pop("num_return_sequences")
+            if kwargs.get("n") not in (None, n):
+                raise InputError(f"n={kwargs['n']!r} and num_return_sequences={n!r} disagree: give one of them")
+            kwargs["n"] = n
         for key in UNSUPPORTED_GENERATE_KWARGS:
             if kwargs.get(key):
                 raise InputError(f"{key}=True: Generator returns text; for transformers' raw output call "
                                  "gen.model.generate(**gen.prepare_inputs(prompts), ...)")
-        n = kwargs.get("num_return_sequences", 1)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InputError(f"num_return_sequences must be a positive int, not {n!r}")
-        if "max_new_tokens" not in kwargs and "max_length" not in kwargs:
-            kwargs["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+        if "max_length" in kwargs:
+            raise InputError("max_length counts the prompt's positions too: give max_new_tokens")
+        return Sampling.from_kwargs(**kwargs)
+
+    def generate_kwargs(self, sampling: Sampling) -> tuple[dict[str, Any], int]:
+        """(transformers `generate` arguments, how many copies of each generated sequence make the n asked for).
+        Sampling means what it means on vLLM and OpenAI's API: temperature and top_p, no top-k cut unless asked."""
+        kwargs = dict(sampling.extra)
+        do_sample = kwargs.setdefault("do_sample", not sampling.greedy)
+        if do_sample:
+            kwargs.setdefault("top_k", 0)
+            if sampling.temperature > 0:
+                kwargs.setdefault("temperature", sampling.temperature)
+            if sampling.top_p < 1:
+                kwargs.setdefault("top_p", sampling.top_p)
+        kwargs["max_new_tokens"] = sampling.max_new_tokens
+        copies = 1
+        if sampling.n > 1:
+            if do_sample or kwargs.get("num_beams", 1) > 1:
+                kwargs["num_return_sequences"] = sampling.n
+            else:
+                copies = sampling.n  # greedy n > 1: one sequence, n times (transformers refuses; OpenAI repeats)
+        if sampling.stop:
+            kwargs["stop_strings"] = [*as_list(kwargs.get("stop_strings")), *sampling.stop]
+        if kwargs.get("stop_strings"):
+            kwargs.setdefault("tokenizer", self.tokenizer)
         if kwargs.get("pad_token_id") is None and self.model.generation_config.pad_token_id is None:
             pad = self.tokenizer.pad_token_id
             if pad is None:
                 eos = self.model.generation_config.eos_token_id
                 pad = eos[0] if isinstance(eos, list) else eos
             kwargs["pad_token_id"] = pad
-        if kwargs.get("stop_strings") is not None:
-            kwargs.setdefault("tokenizer", self.tokenizer)
-        return kwargs
+        return kwargs, copies
 
-    def generate_ids(self, prompts: Prompt | Sequence[Prompt], **generate_kwargs: Any) -> list[list[int]]:
-        """Newly generated token ids per prompt, stopped at EOS (EOS itself dropped).
-
-        With num_return_sequences=n, the n sequences of each prompt follow one another.
-        """
-        batch, _ = as_batch(prompts)
-        if not batch:
-            return []
-        kwargs = self._generate_kwargs(generate_kwargs)
-        inputs = self.prepare_inputs(batch)
-        with torch.inference_mode(), quiet_bitsandbytes():
-            out = self.model.generate(**inputs, **kwargs)
+    def eos_ids(self) -> list[int]:
+        """The token ids that end a sequence."""
         eos = self.model.generation_config.eos_token_id
-        stops = set(eos if isinstance(eos, list) else [eos]) - {None}
-        result = []
-        for row in out.tolist():
-            cut = next((k for k, t in enumerate(row) if t in stops), len(row))
-            result.append(row[:cut])
-        return result
+        return [t for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
 
-    def generate(
-        self, prompt_or_prompts: Prompt | Sequence[Prompt], **generate_kwargs: Any
-    ) -> str | list[str] | list[list[str]]:
-        """Only the newly generated text: a str for one prompt, a list for a list of prompts.
+    def complete(self, prompts: list[list[Part]], sampling: Sampling, *, time_prefill: bool = False) -> list[Completion]:
+        """transformers' `generate` on the left-padded rows of all prompts at once. The prefill is timed from the
+        rows reaching `generate` to the first step's logits reaching a logits processor."""
+        if not prompts:
+            return []
+        rows, savings = self.build(prompts)
+        kwargs, copies = self.generate_kwargs(sampling)
+        clock = FirstStepClock() if time_prefill else None
+        if clock is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), clock])
+        inputs = left_pad(rows)
+        start = time.perf_counter()
+        with torch.inference_mode(), quiet_bitsandbytes(), seeded(sampling.seed, self.device):
+            out = self.model.generate(**inputs, **kwargs)
+        prefill = clock.at - start if clock is not None and clock.at is not None else None
+        stops = [*as_list(sampling.extra.get("stop_strings")), *sampling.stop]
+        sequences = [self._finish(ids, sampling.stop, stops) for ids in out.tolist()]
+        per_prompt = sampling.n // copies
+        groups = [sequences[k: k + per_prompt] * copies for k in range(0, len(sequences), per_prompt)]
+        return [Completion(texts=[s[0] for s in group], token_ids=[list(s[1]) for s in group],
+                           finish_reasons=[s[2] for s in group], prompt_positions=saved.prompt_length,
+                           positions_saved=saved.tokens_saved, prefill_seconds=prefill)
+                for saved, group in zip(savings, groups)]
 
-        A prompt is a str or a list of parts (str, CompressedContext, ContextText); a list of plain strs
-        or of part lists is a batch of prompts. Keyword arguments are transformers' generation arguments
-        (max_new_tokens, do_sample, temperature, top_p, stop_strings, ...); max_new_tokens defaults to 128.
-        With num_return_sequences=n > 1 each prompt gives a list of n texts.
-        """
-        _, single = as_batch(prompt_or_prompts)
-        n = generate_kwargs.get("num_return_sequences", 1)
-        ids = self.generate_ids(prompt_or_prompts, **generate_kwargs)
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
-        if isinstance(n, int) and n > 1:
-            texts = [texts[i : i + n] for i in range(0, len(texts), n)]
-        return texts[0] if single else texts
+    def _finish(self, row: list[int], trim: Sequence[str], stops: Sequence[str]) -> tuple[str, list[int], str]:
+        """(text, token ids, finish reason) of one generated row: cut at EOS, or at the token completing a stop
+        string (transformers pads a row that stopped early); the text ends before a `trim` string (OpenAI's stop),
+        or before a character cut short."""
+        ids = cut_at_eos(row, self.eos_ids())
+        reason = "stop" if len(ids) < len(row) else "length"
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if stops and any(s in text for s in stops):
+            reason = "stop"
+            ids = next(ids[:k] for k in range(1, len(ids) + 1)
+                       if any(s in self.tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stops))
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return without_cut_character(cut_at_stop(text, trim)[0]), ids, reason
 
-    def stream(self, prompt: Prompt, **generate_kwargs: Any) -> Iterator[str]:
-        """Yield the generated text of one prompt piece by piece, as it is produced."""
+    def stream_completion(self, prompt: list[Part], sampling: Sampling) -> Iterator[str]:
+        """transformers' TextIteratorStreamer on a generation thread; a consumer that stops early, or a stop
+        string, ends the generation at the next step."""
         from transformers import TextIteratorStreamer
 
-        if not as_batch(prompt)[1]:
-            raise InputTypeError("stream takes one prompt (a str or a list of parts holding a context)")
-        kwargs = self._generate_kwargs(generate_kwargs)
-        if kwargs.get("num_return_sequences", 1) > 1:
-            raise InputError("stream gives one sequence: num_return_sequences must be 1")
-        inputs = self.prepare_inputs([prompt])
+        kwargs, _ = self.generate_kwargs(sampling)
+        inputs = left_pad(self.prompt_rows([prompt]))
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancel = threading.Event()
         kwargs["streamer"] = streamer
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
+                                                            CancelCriterion(cancel)])
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
-                with torch.inference_mode(), quiet_bitsandbytes():
+                with torch.inference_mode(), quiet_bitsandbytes(), seeded(sampling.seed, self.device):
                     self.model.generate(**inputs, **kwargs)
             except BaseException as e:  # re-raised in the caller's thread below
                 failure.append(e)
                 streamer.end()
 
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        yield from (piece for piece in streamer if piece)
-        worker.join()
-        if failure:
-            raise failure[0]
+        def pieces() -> Iterator[str]:
+            worker = threading.Thread(target=run, daemon=True)
+            worker.start()
+            stop = StopFilter(sampling.stop)
+            ended, held = False, ""  # held: U+FFFD at the end so far, text only if more follows
+            try:
+                for piece in streamer:
+                    text = held + stop.feed(piece)
+                    complete = without_cut_character(text)
+                    held = text[len(complete):]
+                    if complete:
+                        yield complete
+                    if stop.done:
+                        break
+                else:
+                    ended = True
+                rest = without_cut_character(held + stop.flush())
+                if rest:
+                    yield rest
+            finally:
+                cancel.set()
+                if not ended:  # read to its end, which the generation thread marks once it stopped
+                    for _ in streamer:
+                        pass
+                worker.join()
+            if failure:
+                raise failure[0]
+
+        return pieces()
+
+
+class FirstStepClock(LogitsProcessor):
+    """Notes when the first step's logits arrive: the end of the prefill (transformers calls logits processors
+    once per step, with or without sampling)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.at is None:
+            synchronize(scores.device)
+            self.at = time.perf_counter()
+        return scores
+
+
+class CancelCriterion(StoppingCriteria):
+    """Ends every row once `event` is set (a stream's consumer left)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def left_pad(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{"inputs_embeds": (B, T, H), "attention_mask": (B, T)}: rows left-padded with zeros, so that the last
+    position is real for every row."""
+    longest = max(r.shape[0] for r in rows)
+    inputs = rows[0].new_zeros(len(rows), longest, rows[0].shape[1])
+    mask = torch.zeros(len(rows), longest, device=rows[0].device, dtype=torch.long)
+    for b, r in enumerate(rows):
+        inputs[b, longest - r.shape[0]:] = r
+        mask[b, longest - r.shape[0]:] = 1
+    return {"inputs_embeds": inputs, "attention_mask": mask}
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Sampling reproducible from `seed`, without touching the caller's random state (nothing for None)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def as_list(value: Any) -> list[Any]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 def quantization_config(quantization: str | Any | None, dtype: torch.dtype) -> Any | None:
-    """A BitsAndBytesConfig for "4bit" (nf4, double quant, compute dtype = dtype) or "8bit"."""
+    """A BitsAndBytesConfig for "4bit" (nf4, double quant, compute dtype = dtype) or "8bit" (float16 only:
+    bitsandbytes' 8-bit matmul computes in float16, so bfloat16 is refused instead of silently cast)."""
     if quantization is None:
         return None
     from transformers import BitsAndBytesConfig
 
     if not isinstance(quantization, BitsAndBytesConfig) and quantization not in ("4bit", "8bit"):
         raise InputError(f"quantization must be None, '4bit', '8bit' or a BitsAndBytesConfig, not {quantization!r}")
+    eight_bit = quantization == "8bit" or getattr(quantization, "load_in_8bit", False)
+    if eight_bit and dtype == torch.bfloat16:
+        raise InputError("8-bit quantization computes in float16 (bitsandbytes casts every input): give "
+                         "dtype='float16', or quantization='4bit' to compute in bfloat16")
     try:
         with quiet_bitsandbytes():  # its import logs a line about optional CPU kernels
             import bitsandbytes  # noqa: F401

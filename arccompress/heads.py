@@ -89,6 +89,7 @@ class DecoderHead:
     def __init__(self, bridge: Bridge, cont: torch.Tensor):
         self.bridge = bridge
         self.cont = cont  # (1, C)
+        self._cont_row: tuple[tuple[int, ...], torch.Tensor] | None = None  # (weights' versions, the row)
 
     @classmethod
     def from_weights(cls, layer1: torch.Tensor, layer2: torch.Tensor, cont: torch.Tensor) -> DecoderHead:
@@ -129,8 +130,12 @@ class DecoderHead:
         return self.bridge.layer1(pooled)
 
     def cont_row(self) -> torch.Tensor:
-        """The <Cont> vector as the decoder reads it, (1, H)."""
-        return self.bridge(self.cont)
+        """The <Cont> vector as the decoder reads it, (1, H): computed once, again only if a weight changed."""
+        versions = tuple(w._version for w in self.weights().values())
+        if self._cont_row is None or self._cont_row[0] != versions:
+            with torch.no_grad():
+                self._cont_row = (versions, self.bridge(self.cont))
+        return self._cont_row[1]
 
     def contexts(self, vectors: torch.Tensor, lengths: list[int], space: str) -> list[torch.Tensor]:
         """Decoder rows of contexts whose vectors are stacked in `vectors` (`lengths` rows each), <Cont> after each.

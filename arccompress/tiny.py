@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -111,13 +112,19 @@ def build_tiny_encoder(
     seed: int = 0,
     with_tokenizer: bool = True,
     shards: int = 1,
+    config: EncoderConfig = TINY_ENCODER,
+    tokenizer: Any = None,
 ) -> Path:
-    """Write a tiny random ARC-Encoder at `path` in the hub or research layout; return `path`."""
+    """Write a random ARC-Encoder at `path` in the hub or research layout; return `path`.
+
+    Tiny by default; `config` gives other sizes (benchmarks), its head count and decoder width replaced by
+    `num_decoders` and `decoder_hidden_size`. `tokenizer`: a transformers tokenizer to save beside the weights
+    (default: a byte-level one)."""
     if layout not in ("hub", "research"):
         raise InputError(f"layout must be 'hub' or 'research', not {layout!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = replace(TINY_ENCODER, num_decoders=num_decoders, decoder_hidden_size=decoder_hidden_size)
+    config = replace(config, num_decoders=num_decoders, decoder_hidden_size=decoder_hidden_size)
     state = _random_encoder(config, seed)
     model_args, embedder_args, bridge_args = _arc_args(config)
     multi = num_decoders > 1
@@ -146,7 +153,7 @@ def build_tiny_encoder(
                     "vocab_size": config.vocab_size}
         (path / "backbone" / "params.json").write_text(json.dumps(backbone, indent=4))
     if with_tokenizer:
-        byte_level_tokenizer().save_pretrained(path)
+        (tokenizer or byte_level_tokenizer()).save_pretrained(path)
     return path
 
 

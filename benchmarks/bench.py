@@ -6,7 +6,9 @@ load time and host memory, end-to-end compress + generate against reading the fu
     python benchmarks/bench.py --preset gpu --scale small --out /tmp/x   # the gpu preset's code at toy sizes
 
 Weights are random (nothing is downloaded): speed does not depend on their values. Results go to
-<out>/<preset>.json and <out>/<preset>.md (default benchmarks/results/).
+<out>/<preset>.json and <out>/<preset>.md (default benchmarks/results/), rewritten as each section finishes.
+MFU is counted with `EncoderConfig.compress_flops` against the matmul rate measured in the same run and, on
+CUDA in bf16, against the H200's 989 TFLOP/s dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch
 
 from arccompress import Compressor, Generator
 from arccompress.compressor import padding_fraction, plan_batches
-from arccompress.encoder import ARCEncoder, EncoderConfig, attention_flops
+from arccompress.encoder import ARCEncoder, EncoderConfig
+from arccompress.runtime import synchronize
 from arccompress.tiny import byte_level_tokenizer
 
 ARC8 = EncoderConfig(dim=3072, n_layers=26, n_heads=24, n_kv_heads=8, head_dim=128, hidden_dim=8192, norm_eps=1e-5,
@@ -52,15 +55,11 @@ PRESETS = {
                 passages=(1000, 100, 300), documents=(16, 32768, 1024), e2e=dict(batch=8, context=2048, new_tokens=64),
                 matmul=8192, dtype=torch.bfloat16, repeats=3, load=ARC8),
 }
+H200_PEAK_FLOPS = 989e12  # dense bf16 matmul, NVIDIA H200 (SXM) datasheet
 SMALL = dict(encoder=SMALL_ENCODER, decoder=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=32000),
              passages=(12, 20, 120), documents=(2, 1024, 256), e2e=dict(batch=2, context=128, new_tokens=6),
              matmul=512, repeats=1, load=SMALL_ENCODER)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def best_time(fn, device: torch.device, repeats: int) -> float:
@@ -68,10 +67,10 @@ def best_time(fn, device: torch.device, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -82,10 +81,10 @@ def paired_best_times(fn_a, fn_b, device: torch.device, repeats: int) -> tuple[f
     a_times, b_times = [], []
     for _ in range(repeats):
         for fn, times in ((fn_a, a_times), (fn_b, b_times)):
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             fn()
-            sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
     return min(a_times), min(b_times)
 
@@ -116,6 +115,14 @@ def built_in(dtype: torch.dtype, device: torch.device, build):
         torch.set_default_dtype(previous)
 
 
+def release_memory(device: torch.device | str) -> None:
+    """Free what dropped models held: collect their cycles, and hand CUDA's cached blocks back to the driver, where
+    another engine (vLLM) or the next measurement can have them."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def random_encoder(cfg: EncoderConfig, device: torch.device, dtype: torch.dtype) -> Compressor:
     torch.manual_seed(0)
     model = built_in(dtype, device, lambda: ARCEncoder(cfg))
@@ -138,11 +145,20 @@ def random_decoder(sizes: dict, device: torch.device, dtype: torch.dtype):
     return model.eval().requires_grad_(False)
 
 
-def encoder_flops(cfg: EncoderConfig, lengths: list[int]) -> float:
-    return cfg.flops_per_token() * sum(lengths) + attention_flops(lengths, cfg)
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The datasheet's dense peak the MFU is also reported against: the H200's, for bf16 on CUDA."""
+    return H200_PEAK_FLOPS if device.type == "cuda" and dtype == torch.bfloat16 else None
 
 
-def bench_passages(comp: Compressor, spec: tuple[int, int, int], rate: float, device, repeats, single: bool) -> dict:
+def utilisation(flops: float, seconds: float, rate: float, peak: float | None) -> dict:
+    """FLOP/s achieved, as a fraction of the measured matmul rate and of the datasheet peak (None off CUDA bf16)."""
+    achieved = flops / seconds
+    return {"model_flop_per_s": achieved, "fraction_of_matmul_rate": achieved / rate,
+            "fraction_of_peak": achieved / peak if peak else None}
+
+
+def bench_passages(comp: Compressor, spec: tuple[int, int, int], rate: float, peak: float | None, device, repeats,
+                   single: bool) -> dict:
     count, low, high = spec
     rng = random.Random(0)
     seqs = [[rng.randrange(3, comp.model.config.vocab_size) for _ in range(rng.randint(low, high))] for _ in range(count)]
@@ -154,11 +170,10 @@ def bench_passages(comp: Compressor, spec: tuple[int, int, int], rate: float, de
         batched, singles = paired_best_times(run_batched, lambda: [comp.compress_ids(s) for s in seqs], device, repeats)
     else:
         batched = best_time(run_batched, device, repeats)
-    flops = encoder_flops(comp.model.config, lengths)
     out = {
         "passages": count, "tokens": sum(lengths), "length_range": [low, high],
         "batched_s": batched, "tokens_per_s": sum(lengths) / batched,
-        "model_flop_per_s": flops / batched, "fraction_of_matmul_rate": flops / batched / rate,
+        **utilisation(comp.model.config.compress_flops(lengths), batched, rate, peak),
         "padding_fraction": padding_fraction(lengths, plan_batches(lengths, batch_size, budget)),
         "batches": len(plan_batches(lengths, batch_size, budget)),
     }
@@ -167,7 +182,8 @@ def bench_passages(comp: Compressor, spec: tuple[int, int, int], rate: float, de
     return out
 
 
-def bench_documents(comp: Compressor, spec: tuple[int, int, int], rate: float, device, repeats) -> dict:
+def bench_documents(comp: Compressor, spec: tuple[int, int, int], rate: float, peak: float | None, device,
+                    repeats) -> dict:
     count, tokens, chunk = spec
     rng = random.Random(1)
     docs = [[rng.randrange(3, comp.model.config.vocab_size) for _ in range(tokens)] for _ in range(count)]
@@ -176,9 +192,9 @@ def bench_documents(comp: Compressor, spec: tuple[int, int, int], rate: float, d
     budget = 32768 if device.type == "cuda" else 8192
     seconds = best_time(lambda: comp.compress_ids(docs, chunk_size=chunk, max_tokens_per_batch=budget), device, repeats)
     chunk_lengths = [min(chunk, tokens - i) for _ in docs for i in range(0, tokens, chunk)]
-    flops = encoder_flops(comp.model.config, chunk_lengths)
     out = {"documents": count, "tokens_each": tokens, "chunk_size": chunk, "seconds": seconds,
-           "tokens_per_s": count * tokens / seconds, "fraction_of_matmul_rate": flops / seconds / rate}
+           "tokens_per_s": count * tokens / seconds,
+           **utilisation(comp.model.config.compress_flops(chunk_lengths), seconds, rate, peak)}
     if device.type == "cuda":
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
@@ -315,13 +331,17 @@ def step(name: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
 
 
-def save_results(out: str | Path, name: str, result: dict, text: str) -> None:
-    """<out>/<name>.json and <out>/<name>.md, and the markdown on stdout."""
+def save_results(out: str | Path, name: str, result: dict, text: str, *, echo: bool = True) -> None:
+    """<out>/<name>.json and <out>/<name>.md, each replaced whole (a kill never leaves half a file), and the
+    markdown on stdout when `echo`. Benchmarks call it after every section, so a late failure loses nothing."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{name}.md").write_text(text)
-    print(text)
+    for file, content in ((out / f"{name}.json", json.dumps(result, indent=2)), (out / f"{name}.md", text)):
+        partial = file.with_name(f".{file.name}.partial")
+        partial.write_text(content)
+        os.replace(partial, file)
+    if echo:
+        print(text)
 
 
 def machine() -> dict:
@@ -337,44 +357,61 @@ def machine() -> dict:
     return info
 
 
+def rate_text(x: dict) -> str:
+    """"N% of matmul rate", and of the datasheet peak when there is one."""
+    text = f"{100 * x['fraction_of_matmul_rate']:.0f}% of matmul rate"
+    if x.get("fraction_of_peak") is not None:
+        text += f", {100 * x['fraction_of_peak']:.0f}% of the H200's {H200_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 peak"
+    return text
+
+
 def markdown(preset: str, r: dict) -> str:
-    p, d = r["passages"], r["documents"]
-    e = r["end_to_end"]
-    c, f = e["compressed"], e["full_text"]
+    """The results table: one row per measure of the sections finished so far."""
     lines = [
         f"# arccompress benchmark — preset `{preset}`{' (small scale)' if r['scale'] == 'small' else ''}",
         "",
         f"Machine: {r['machine'].get('gpu', r['machine']['cpu'])}, {r['machine']['threads']} torch threads, "
         f"torch {r['machine']['torch']}. Encoder: dim {r['encoder']['dim']}, {r['encoder']['n_layers']} blocks, "
-        f"{r['dtype']}, random weights. Matmul rate measured in the same run: {r['matmul_flop_per_s'] / 1e9:.1f} GFLOP/s.",
+        f"{r['dtype']}, random weights."
+        + (f" Matmul rate measured in the same run: {r['matmul_flop_per_s'] / 1e9:.1f} GFLOP/s."
+           if "matmul_flop_per_s" in r else ""),
         "",
         "| measure | value |",
         "| --- | --- |",
-        f"| encoder, {p['passages']} passages of {p['length_range'][0]}–{p['length_range'][1]} tokens, batched | "
-        f"{p['tokens_per_s']:,.0f} tokens/s, {p['model_flop_per_s'] / 1e9:.1f} GFLOP/s = "
-        f"{100 * p['fraction_of_matmul_rate']:.0f}% of matmul rate |",
-        f"| padding fraction (length-sorted batches) | {100 * p['padding_fraction']:.1f}% in {p['batches']} batches |",
     ]
-    if "single_calls_s" in p:
-        lines.append(f"| same passages, one call each | {p['single_calls_s']:.3f} s vs {p['batched_s']:.3f} s batched "
-                     f"(batched {p['batched_speedup_over_single']:.2f}x) |")
-    lines += [
-        f"| chunked: {d['documents']} documents of {d['tokens_each']:,} tokens, chunk_size={d['chunk_size']} | "
-        f"{d['tokens_per_s']:,.0f} tokens/s, {100 * d['fraction_of_matmul_rate']:.0f}% of matmul rate"
-        + (f", peak GPU {d['peak_gpu_gb']:.1f} GB" if "peak_gpu_gb" in d else "") + " |",
-        f"| end to end, batch {e['batch']}, {e['context_tokens']}-token contexts: time to first token | "
-        f"{c['ttft_s']:.3f} s compressed vs {f['ttft_s']:.3f} s full text (ratio {e['ttft_ratio']:.2f}) |",
-        f"| total for {e['new_tokens']} new tokens | {c['total_s']:.3f} s compressed vs {f['total_s']:.3f} s full text |",
-        f"| decode rate | {c['decode_tokens_per_s']:,.0f} vs {f['decode_tokens_per_s']:,.0f} tokens/s "
-        f"(ratio {e['decode_rate_ratio']:.2f}) |",
-        f"| prompt positions / KV cache | {c['prompt_positions']} / {c['kv_cache_bytes'] / 1e6:.1f} MB compressed vs "
-        f"{f['prompt_positions']} / {f['kv_cache_bytes'] / 1e6:.1f} MB full text |",
-        f"| Generator.generate vs model.generate, same inputs_embeds | "
-        f"{e['generator_overhead']['generator_generate_s']:.3f} s vs {e['generator_overhead']['raw_generate_s']:.3f} s "
-        f"({100 * e['generator_overhead']['overhead']:+.1f}%) |",
-    ]
-    if "peak_gpu_gb" in c:
-        lines.append(f"| peak GPU memory, end to end | {c['peak_gpu_gb']:.1f} GB compressed, {f['peak_gpu_gb']:.1f} GB full text |")
+    if "passages" in r:
+        p = r["passages"]
+        lines += [
+            f"| encoder, {p['passages']} passages of {p['length_range'][0]}–{p['length_range'][1]} tokens, batched | "
+            f"{p['tokens_per_s']:,.0f} tokens/s, {p['model_flop_per_s'] / 1e9:.1f} GFLOP/s = {rate_text(p)} |",
+            f"| padding fraction (length-sorted batches) | {100 * p['padding_fraction']:.1f}% in {p['batches']} batches |",
+        ]
+        if "single_calls_s" in p:
+            lines.append(f"| same passages, one call each | {p['single_calls_s']:.3f} s vs {p['batched_s']:.3f} s "
+                         f"batched (batched {p['batched_speedup_over_single']:.2f}x) |")
+    if "documents" in r:
+        d = r["documents"]
+        lines.append(f"| chunked: {d['documents']} documents of {d['tokens_each']:,} tokens, chunk_size={d['chunk_size']} "
+                     f"| {d['tokens_per_s']:,.0f} tokens/s, {rate_text(d)}"
+                     + (f", peak GPU {d['peak_gpu_gb']:.1f} GB" if "peak_gpu_gb" in d else "") + " |")
+    if "end_to_end" in r:
+        e = r["end_to_end"]
+        c, f = e["compressed"], e["full_text"]
+        lines += [
+            f"| end to end, batch {e['batch']}, {e['context_tokens']}-token contexts: time to first token | "
+            f"{c['ttft_s']:.3f} s compressed vs {f['ttft_s']:.3f} s full text (ratio {e['ttft_ratio']:.2f}) |",
+            f"| total for {e['new_tokens']} new tokens | {c['total_s']:.3f} s compressed vs {f['total_s']:.3f} s full text |",
+            f"| decode rate | {c['decode_tokens_per_s']:,.0f} vs {f['decode_tokens_per_s']:,.0f} tokens/s "
+            f"(ratio {e['decode_rate_ratio']:.2f}) |",
+            f"| prompt positions / KV cache | {c['prompt_positions']} / {c['kv_cache_bytes'] / 1e6:.1f} MB compressed vs "
+            f"{f['prompt_positions']} / {f['kv_cache_bytes'] / 1e6:.1f} MB full text |",
+            f"| Generator.generate vs model.generate, same inputs_embeds | "
+            f"{e['generator_overhead']['generator_generate_s']:.3f} s vs {e['generator_overhead']['raw_generate_s']:.3f} s "
+            f"({100 * e['generator_overhead']['overhead']:+.1f}%) |",
+        ]
+        if "peak_gpu_gb" in c:
+            lines.append(f"| peak GPU memory, end to end | {c['peak_gpu_gb']:.1f} GB compressed, "
+                         f"{f['peak_gpu_gb']:.1f} GB full text |")
     if "load" in r:
         ld = r["load"]
         lines.append(f"| load a {ld['checkpoint_gb_float32']:.2f} GB float32 checkpoint to {ld['target']} | "
@@ -398,8 +435,12 @@ def main() -> None:
     device = torch.device("cuda" if args.preset == "gpu" and torch.cuda.is_available() else "cpu")
     dtype = spec["dtype"] if device.type == "cuda" or args.preset == "cpu" else torch.float32
     repeats = spec["repeats"]
+    peak = peak_flops(device, dtype)
     result: dict = {"preset": args.preset, "scale": args.scale, "machine": machine(), "dtype": str(dtype).split(".")[-1],
-                    "encoder": asdict(spec["encoder"])}
+                    "encoder": asdict(spec["encoder"]), "peak_flop_per_s": peak}
+
+    def section_done() -> None:  # what is measured so far, on disk
+        save_results(args.out, args.preset, result, markdown(args.preset, result), echo=False)
 
     step("matmul rate")
     rate = matmul_rate(spec["matmul"], spec["encoder"], dtype, device, repeats)
@@ -408,15 +449,17 @@ def main() -> None:
     # measured again after a warm-up of the whole machine; the best of both is the ceiling used
     rate = max(rate, matmul_rate(spec["matmul"], spec["encoder"], dtype, device, repeats))
     result["matmul_flop_per_s"] = rate
-    result["passages"] = bench_passages(comp, spec["passages"], rate, device, repeats, single=args.preset == "cpu")
+    result["passages"] = bench_passages(comp, spec["passages"], rate, peak, device, repeats,
+                                        single=args.preset == "cpu")
+    section_done()
     step("encoder: chunked documents")
-    result["documents"] = bench_documents(comp, spec["documents"], rate, device, repeats)
+    result["documents"] = bench_documents(comp, spec["documents"], rate, peak, device, repeats)
+    section_done()
     step("end to end")
     result["end_to_end"] = bench_end_to_end(comp, spec["decoder"], spec["e2e"], device, dtype, repeats)
+    section_done()
     del comp
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
     if not args.skip_load:
         step("loading")
         result["load"] = bench_load(spec["load"], device, torch.bfloat16)

@@ -7,7 +7,8 @@ A random encoder in the hub layout (cpu: the cpu preset's dim 512 x 8 blocks; gp
 bfloat16) with the real Llama 3 tokenizer, and passages of the Python standard library's docstrings
 (cpu: 2,000 of ~100 words; gpu: 50,000) written into a store (bottleneck-float16). Reported: encoder tokens/s
 of the whole job for `engine="local"` and `engine="ray"`, the cluster's start time, and what each actor pays
-before its first batch (loading the encoder) next to a batch's compute time.
+before its first batch (loading the encoder) next to a batch's compute time. Results are rewritten as each
+section finishes.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main() -> None:
     import ray
 
     from arccompress import Compressor, compress_corpus
+    from arccompress.runtime import synchronize
 
     spec = dict(PRESETS[args.preset]) | (SMALL if args.scale == "small" else {})
     gpus = torch.cuda.device_count() if args.preset == "gpu" else 0
@@ -89,20 +91,25 @@ def main() -> None:
         step("encoder load time")
         t = time.perf_counter()
         comp = Compressor.from_pretrained(encoder, device=device, dtype=spec["dtype"])
+        synchronize(comp.device)
         load_s = time.perf_counter() - t
         batch = [text for _, text in rows[: spec["batch"]]]
         comp.compress(batch)  # warm-up
+        synchronize(comp.device)
         t = time.perf_counter()
         comp.compress(batch)
+        synchronize(comp.device)  # the device's queued work is part of the batch's time
         batch_s = time.perf_counter() - t
         del comp
         result: dict = {"preset": args.preset, "scale": args.scale, "machine": machine(), "encoder": asdict(cfg),
                         "passages": len(rows), "batch_size": spec["batch"], "encoder_load_s": load_s,
                         "one_batch_compute_s": batch_s}
+        stem = f"corpus-{args.preset}" + ("-small" if args.scale == "small" else "")
         step("engine=local")
         local = compress_corpus(rows, work / "local", encoder=encoder, batch_size=spec["batch"], show_progress=False,
                                 dtype=spec["dtype"], device=device)
         result["local"] = {"seconds": local.seconds, "tokens": local.tokens, "tokens_per_s": local.tokens_per_s}
+        save_results(args.out, stem, result, markdown(result), echo=False)
         shutil.rmtree(work / "local")
         step("engine=ray")
         t = time.perf_counter()
@@ -115,15 +122,13 @@ def main() -> None:
         result["ray"] = {"workers": workers, "gpus_per_worker": 1 if gpus else 0, "ray_init_s": init_s,
                          "seconds": remote.seconds, "tokens": remote.tokens, "tokens_per_s": remote.tokens_per_s}
         result["ray_over_local"] = remote.tokens_per_s / local.tokens_per_s
-    save_results(args.out, f"corpus-{args.preset}" + ("-small" if args.scale == "small" else ""), result,
-                 markdown(result))
+    save_results(args.out, stem, result, markdown(result))
 
 
 def markdown(r: dict) -> str:
-    e, lo, ra = r["encoder"], r["local"], r["ray"]
-    workers = f"{ra['workers']} actors" + (f" x {ra['gpus_per_worker']} GPU" if ra["gpus_per_worker"] else
-                                          " of one thread each")
-    return "\n".join([
+    """The results table, with the sections finished so far."""
+    e, lo = r["encoder"], r["local"]
+    lines = [
         f"# Corpus compression benchmark — preset `{r['preset']}`{' (small scale)' if r['scale'] == 'small' else ''}", "",
         f"Machine: {r['machine'].get('gpu', r['machine']['cpu'])}, {r['machine']['cores']} cores, torch "
         f"{r['machine']['torch']}. Encoder: dim {e['dim']} x {e['n_layers']} blocks, random weights, Llama 3 "
@@ -131,12 +136,17 @@ def markdown(r: dict) -> str:
         "| measure | value |", "| --- | --- |",
         f"| `engine=\"local\"` (this process, {r['machine']['threads']} threads) | {lo['tokens_per_s']:,.0f} tokens/s "
         f"({lo['tokens']:,} tokens in {lo['seconds']:.1f} s) |",
-        f"| `engine=\"ray\"`, {workers} | {ra['tokens_per_s']:,.0f} tokens/s ({ra['seconds']:.1f} s; "
-        f"{r['ray_over_local']:.2f}x local) |",
-        f"| starting the local Ray cluster | {ra['ray_init_s']:.1f} s |",
-        f"| per actor, before its first batch: loading the encoder | {r['encoder_load_s']:.2f} s (one batch of "
-        f"{r['batch_size']} passages computes in {r['one_batch_compute_s']:.2f} s) |",
-    ]) + "\n"
+    ]
+    if "ray" in r:
+        ra = r["ray"]
+        workers = f"{ra['workers']} actors" + (f" x {ra['gpus_per_worker']} GPU" if ra["gpus_per_worker"] else
+                                              " of one thread each")
+        lines += [f"| `engine=\"ray\"`, {workers} | {ra['tokens_per_s']:,.0f} tokens/s ({ra['seconds']:.1f} s; "
+                  f"{r['ray_over_local']:.2f}x local) |",
+                  f"| starting the local Ray cluster | {ra['ray_init_s']:.1f} s |"]
+    lines.append(f"| per actor, before its first batch: loading the encoder | {r['encoder_load_s']:.2f} s (one batch of "
+                 f"{r['batch_size']} passages computes in {r['one_batch_compute_s']:.2f} s) |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

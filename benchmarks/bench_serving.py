@@ -57,26 +57,28 @@ def build_decoder(sizes: dict, dtype: str, folder: Path) -> Path:
     return folder
 
 
-def build_encoder(hidden: int, preset: str, device: str):
+def build_encoder(hidden: int, preset: str, scale: str, device: str):
     import torch
 
     from arccompress import Compressor
     from arccompress.compressor import bundled_llama3_tokenizer
     from arccompress.encoder import ARCEncoder
-    from bench import ARC8, CPU_ENCODER
+    from bench import ARC8, CPU_ENCODER, SMALL_ENCODER, built_in, release_memory
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(bundled_llama3_tokenizer())
-    cfg = replace(ARC8 if preset == "gpu" else CPU_ENCODER, vocab_size=len(tok), decoder_hidden_size=hidden,
+    base = SMALL_ENCODER if scale == "small" else ARC8 if preset == "gpu" else CPU_ENCODER
+    cfg = replace(base, vocab_size=len(tok), decoder_hidden_size=hidden,
                   bridge_hidden_dim=min(hidden, ARC8.bridge_hidden_dim))
     torch.manual_seed(0)
-    with torch.device(device):
-        model = ARCEncoder(cfg)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = built_in(dtype, device, lambda: ARCEncoder(cfg))  # in its dtype: no float32 copy left in CUDA's cache
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
                 torch.nn.init.normal_(p, 0, 0.02)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return Compressor(model.to(dtype).eval().requires_grad_(False), tok, name="random encoder", fingerprint="random")
+    release_memory(device)
+    return Compressor(model.eval().requires_grad_(False), tok, name="random encoder", fingerprint="random")
 
 
 def qa_prompts(comp, n: int, words: tuple[int, int]):
@@ -103,7 +105,7 @@ def qa_prompts(comp, n: int, words: tuple[int, int]):
 
 
 def main() -> None:
-    from bench import arguments, machine, save_results, step
+    from bench import arguments, machine, release_memory, save_results, step
 
     args = arguments(__doc__, PRESETS).parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -121,10 +123,11 @@ def main() -> None:
     new = spec["new_tokens"]
     result: dict = {"preset": args.preset, "scale": args.scale, "machine": machine(), "decoder": spec["decoder"],
                     "dtype": spec["dtype"], "prompts": spec["prompts"], "new_tokens": new}
+    stem = f"serving-{args.preset}" + ("-small" if args.scale == "small" else "")
     with tempfile.TemporaryDirectory(prefix="arc-serve-") as work:
         step("building the decoder and the prompts")
         folder = build_decoder(spec["decoder"], spec["dtype"], Path(work) / "decoder")
-        comp = build_encoder(spec["decoder"]["hidden_size"], args.preset, device)
+        comp = build_encoder(spec["decoder"]["hidden_size"], args.preset, args.scale, device)
         compressed, text = qa_prompts(comp, spec["prompts"], spec["words"])
 
         step("(a) transformers Generator")
@@ -147,7 +150,9 @@ def main() -> None:
         result["generator"] = {"seconds": total, "prompts_per_s": len(compressed) / total,
                                "generated_tokens_per_s": len(compressed) * new / total,
                                "mean_ttft_s": sum(ttfts) / len(ttfts), "prefill_only_s": prefill_s}
-        del hf
+        save_results(args.out, stem, result, markdown(result), echo=False)
+        del hf  # vLLM needs gpu_memory_utilization of the whole GPU free: the transformers decoder goes first
+        release_memory(device)
 
         step("(b) vLLM, compressed prompts; (c) vLLM, full text")
         vl = VLLMGenerator.from_pretrained(folder, compressor=comp, dtype=spec["dtype"], disable_log_stats=False,
@@ -168,12 +173,12 @@ def main() -> None:
             result[name] = {"seconds": total, "prompts_per_s": len(prompts) / total,
                             "generated_tokens_per_s": len(prompts) * new / total,
                             "mean_ttft_s": sum(ttft) / len(ttft) if ttft else None}
+            save_results(args.out, stem, result, markdown(result), echo=False)
         vl.llm.llm_engine.engine_core.shutdown()
     g, b, c = result["generator"], result["vllm_compressed"], result["vllm_full_text"]
     result["speedup_vllm_over_generator"] = b["prompts_per_s"] / g["prompts_per_s"]
     result["speedup_compressed_over_full_text"] = b["prompts_per_s"] / c["prompts_per_s"]
-    save_results(args.out, f"serving-{args.preset}" + ("-small" if args.scale == "small" else ""), result,
-                 markdown(result))
+    save_results(args.out, stem, result, markdown(result))
 
 
 def markdown(r: dict) -> str:
@@ -192,11 +197,14 @@ def markdown(r: dict) -> str:
     for key, label in (("generator", "(a) transformers `Generator`, compressed, batches of 64"),
                        ("vllm_compressed", "(b) `VLLMGenerator`, compressed"),
                        ("vllm_full_text", "(c) vLLM, documents as full text")):
+        if key not in r:  # not measured yet
+            continue
         x = r[key]
         lines.append(f"| {label} | {x['prompts_per_s']:.2f} | {x['generated_tokens_per_s']:,.0f} | "
                      f"{ms(x['mean_ttft_s'])} | {x['seconds']:.1f} s |")
-    lines += ["", f"(b) / (a): {r['speedup_vllm_over_generator']:.2f}x; (b) / (c): "
-              f"{r['speedup_compressed_over_full_text']:.2f}x in throughput."]
+    if "speedup_compressed_over_full_text" in r:
+        lines += ["", f"(b) / (a): {r['speedup_vllm_over_generator']:.2f}x; (b) / (c): "
+                  f"{r['speedup_compressed_over_full_text']:.2f}x in throughput."]
     return "\n".join(lines) + "\n"
 
 

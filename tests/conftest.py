@@ -1,4 +1,9 @@
-"""Shared fixtures: the reference's golden outputs, the real Llama 3 tokenizer, tiny checkpoints."""
+"""Shared fixtures: the reference's golden outputs, the real Llama 3 tokenizer, tiny checkpoints; where tests compute.
+
+Tests compute on the CPU in float32. `ARCCOMPRESS_TEST_DEVICE=cuda` runs them on the GPU, in the device's default
+dtype (bfloat16) unless `ARCCOMPRESS_TEST_DTYPE` names another; without it, CUDA is hidden from the whole run
+(subprocesses included), so that nothing lands on a GPU by default.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,40 @@ from pathlib import Path
 
 import pytest
 
-from arccompress.tiny import build_tiny_decoder, build_tiny_encoder
+_ASKED_DEVICE = os.environ.get("ARCCOMPRESS_TEST_DEVICE", "cpu")
+if _ASKED_DEVICE == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch first looks for a GPU
+
+import torch  # noqa: E402
+
+from arccompress.errors import InputError  # noqa: E402
+from arccompress.runtime import resolve_device, resolve_dtype  # noqa: E402
+from arccompress.tiny import build_tiny_decoder, build_tiny_encoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+try:
+    TEST_DEVICE = resolve_device(_ASKED_DEVICE)
+    TEST_DTYPE = resolve_dtype(os.environ.get("ARCCOMPRESS_TEST_DTYPE"), TEST_DEVICE)
+except InputError as e:
+    raise pytest.UsageError(f"ARCCOMPRESS_TEST_DEVICE / ARCCOMPRESS_TEST_DTYPE: {e}") from None
+
+# How far two computations of the same context may be apart: max |a - b| <= atol + rtol * max |b|.
+# float32: atol 1e-5 between batchings or kernels (the golden files' 1e-4 against the reference). bfloat16 and
+# float16: rtol of the largest value, against float32 results as between batchings (bf16 CPU results on the golden
+# encoders: 0.55% of the largest value at most, relative L2 1e-2; bf16 keeps 8 significant bits).
+RTOL = {torch.float32: 0.0, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, float32_atol: float = 1e-5, what: str = "") -> None:
+    """`actual` (test device and dtype) within the test dtype's tolerance of `expected` (any device, dtype)."""
+    expected = expected.detach().to("cpu", torch.float32)
+    actual = actual.detach().to("cpu", torch.float32)
+    assert actual.shape == expected.shape, f"{what} shape {list(actual.shape)} != {list(expected.shape)}"
+    atol = float32_atol if TEST_DTYPE.itemsize >= 4 else 0.0  # float32 (or float64): absolute, else relative
+    bound = atol + RTOL.get(TEST_DTYPE, 0.0) * expected.abs().max().item()
+    diff = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    assert diff <= bound, f"{what} max abs diff {diff:.3e} > {bound:.3e} ({str(TEST_DTYPE).split('.')[-1]})"
 
 
 VENDORED = REPO / "tests" / "golden"
@@ -91,7 +127,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 # slowest last, so that a run shows progress at once: end-to-end runs of whole programs and benchmarks at the end
-SLOW_LAST = ("test_vllm.py", "test_examples.py", "test_corpus.py", "test_benchmarks.py")
+SLOW_LAST = ("test_store_processes.py", "test_serve.py", "test_serve_vllm.py", "test_vllm.py", "test_examples.py",
+             "test_corpus.py", "test_benchmarks.py")
 
 
 def pytest_collection_modifyitems(config, items):

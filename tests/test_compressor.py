@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import weakref
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from arccompress import CheckpointError, CompressedContext, Compressor
+from arccompress.encoder import ARCEncoder
+from arccompress.tiny import TINY_ENCODER, byte_level_tokenizer
+
+from .conftest import TEST_DEVICE, TEST_DTYPE, assert_close
 
 TEXTS = [
     "Short one.",
@@ -20,9 +26,14 @@ TEXTS = [
 ]
 
 
+def load(path, **kwargs) -> Compressor:
+    """A Compressor on the test device, in the test dtype (conftest: CPU float32 unless asked otherwise)."""
+    return Compressor.from_pretrained(path, **({"device": TEST_DEVICE, "dtype": TEST_DTYPE} | kwargs))
+
+
 @pytest.fixture(scope="module")
 def comp(tiny_dir) -> Compressor:
-    return Compressor.from_pretrained(tiny_dir / "hub")
+    return load(tiny_dir / "hub")
 
 
 def test_str_gives_one_list_gives_list_in_order(comp):
@@ -39,7 +50,7 @@ def test_str_gives_one_list_gives_list_in_order(comp):
 def test_context_fields_and_repr(comp):
     ctx = comp.compress(TEXTS[1])
     assert ctx.embeddings.shape == (ctx.num_embeddings, comp.decoder_hidden_size)
-    assert ctx.embeddings.device == comp.device and ctx.dtype == comp.dtype == torch.float32
+    assert ctx.embeddings.device == comp.device == TEST_DEVICE and ctx.dtype == comp.dtype == TEST_DTYPE
     assert ctx.compression_ratio == pytest.approx(ctx.num_tokens / ctx.num_embeddings)
     assert ctx.encoder == str(comp.name) and ctx.head == 0 and ctx.chunk_size is None
     assert ctx.pooling_factor == 8 and ctx.encoder_fingerprint == comp.fingerprint
@@ -51,16 +62,69 @@ def test_batch_invariance(comp):
     alone = [comp.compress(t).embeddings for t in TEXTS]
     for batch_size, budget in ((64, 16384), (2, 16384), (64, 200)):
         batched = comp.compress(TEXTS, batch_size=batch_size, max_tokens_per_batch=budget)
-        for a, b in zip(alone, batched):
-            assert (a - b.embeddings).abs().max().item() <= 1e-5
+        for i, (a, b) in enumerate(zip(alone, batched)):
+            assert_close(b.embeddings, a, what=f"text {i}, batch_size={batch_size}, budget={budget}")
 
 
 def test_result_does_not_depend_on_neighbours(comp):
     text = TEXTS[1]
     base = comp.compress(text).embeddings
     for others in (["a" * 300], ["b"], ["c" * 97, "d" * 5]):
-        got = comp.compress(others + [text])[-1].embeddings
-        assert (got - base).abs().max().item() <= 1e-5
+        assert_close(comp.compress(others + [text])[-1].embeddings, base, what=f"beside {len(others)} others")
+
+
+def test_repeated_runs_are_bitwise_identical(comp):
+    """The same batch twice gives the same bits, on any device: pooling sums in a fixed order (no atomics)."""
+    texts = TEXTS + ["Bitwise " * k for k in (3, 40, 111)]
+    for chunk_size in (None, 16):
+        first, second = (comp.compress(texts, chunk_size=chunk_size, batch_size=4) for _ in range(2))
+        for a, b in zip(first, second):
+            assert torch.equal(a.embeddings, b.embeddings) and torch.equal(a.pooled, b.pooled)
+            assert torch.equal(a.bottleneck, b.bottleneck)
+
+
+def test_bottleneck_is_kept_from_the_head_on_the_device(comp):
+    """ctx.bottleneck is the head's first layer of ctx.pooled, computed where the compressor runs, in its own
+    storage; the embeddings are the head's second layer of it, then <Cont>."""
+    head = comp.model.head(0)
+    for ctx in comp.compress(TEXTS):
+        b = ctx.bottleneck
+        assert b.device == ctx.pooled.device == comp.device and b.dtype == comp.dtype
+        assert tuple(b.shape) == (ctx.num_embeddings - 1, comp.model.config.bridge_hidden_dim)
+        assert b.untyped_storage().nbytes() == b.numel() * b.element_size()  # not a view of the whole batch
+        with torch.no_grad():
+            assert_close(b, head.bottleneck(ctx.pooled), what="bottleneck")
+            assert_close(ctx.embeddings, torch.cat([head.bridge.layer2(b), head.cont_row()]), what="embeddings")
+
+
+def test_the_cont_row_is_computed_once_and_again_after_a_weight_changes(comp):
+    head = comp.model.head(0)
+    first = head.cont_row()
+    assert head.cont_row() is first  # kept: a store's reads do not pay the whole head for one row
+    cont = head.cont.detach().clone()
+    with torch.no_grad():
+        head.cont.add_(1.0)  # in place, as load_state_dict does
+        try:
+            changed = head.cont_row()
+            assert not torch.equal(changed, first)
+            assert_close(changed, head.bridge(head.cont), what="<Cont> row")
+        finally:
+            head.cont.copy_(cont)
+
+
+def test_compress_reads_nothing_back_from_the_device():
+    """The encoder loop and the head queue work without waiting on the device: with the model on the meta device,
+    where every read of a value (.item(), .tolist(), bool(), nonzero, a copy to the host) raises, compress runs."""
+    with torch.device("meta"):
+        model = ARCEncoder(TINY_ENCODER).eval()
+    comp = Compressor(model, byte_level_tokenizer(), name="meta", fingerprint="meta")
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.zeros(2, device="meta").tolist()  # what the test relies on
+    lengths = [1, 7, 8, 9, 40, 40, 130]  # equal and unequal lengths: dense and padded batches
+    out = comp.compress_ids([[5] * n for n in lengths], batch_size=3)
+    assert [c.num_embeddings for c in out] == [max(1, -(-n // 8)) + 1 for n in lengths]
+    assert all(c.embeddings.is_meta and c.bottleneck.is_meta for c in out)
+    assert comp.compress_ids([6] * 100, chunk_size=32).num_embeddings == 4 + 4 + 4 + 1 + 1
 
 
 def test_chunking_concatenates_chunks_then_one_cont(comp):
@@ -72,14 +136,14 @@ def test_chunking_concatenates_chunks_then_one_cont(comp):
         head = comp.model.head(0)
         expected = head.bridge(torch.cat(pooled + [head.cont]))
     assert ctx.num_embeddings == sum(-(-len(ids[i:i + chunk]) // 8) for i in range(0, len(ids), chunk)) + 1
-    assert torch.allclose(ctx.embeddings, expected, atol=1e-6)
+    assert_close(ctx.embeddings, expected, float32_atol=1e-6)
     assert ctx.chunk_size == chunk
     # chunks at least as long as the text change nothing
     whole = comp.compress_ids(ids).embeddings
-    assert torch.allclose(comp.compress_ids(ids, chunk_size=len(ids)).embeddings, whole, atol=1e-6)
+    assert_close(comp.compress_ids(ids, chunk_size=len(ids)).embeddings, whole, float32_atol=1e-6)
     # many texts chunked together equal each alone
     both = comp.compress([TEXTS[4], TEXTS[1]], chunk_size=16)
-    assert torch.allclose(both[0].embeddings, comp.compress(TEXTS[4], chunk_size=16).embeddings, atol=1e-5)
+    assert_close(both[0].embeddings, comp.compress(TEXTS[4], chunk_size=16).embeddings)
 
 
 def test_compress_ids_matches_compress(comp):
@@ -121,8 +185,8 @@ def test_bad_inputs_raise_clear_errors_and_leave_compressor_usable(comp):
 
 
 def test_both_layouts_and_shards_load_the_same_weights(tiny_dir, comp):
-    research = Compressor.from_pretrained(tiny_dir / "research")
-    sharded = Compressor.from_pretrained(tiny_dir / "sharded")
+    research = load(tiny_dir / "research")
+    sharded = load(tiny_dir / "sharded")
     ref = comp.compress(TEXTS[1]).embeddings
     assert torch.equal(research.compress(TEXTS[1]).embeddings, ref)
     assert torch.equal(sharded.compress(TEXTS[1]).embeddings, ref)
@@ -144,18 +208,17 @@ def test_research_layout_needs_backbone_params(tiny_dir, tmp_path):
 
 
 def test_two_head_encoder_needs_a_choice(tiny_dir):
-    open_choice = Compressor.from_pretrained(tiny_dir / "multi")
+    open_choice = load(tiny_dir / "multi")
     assert open_choice.head is None and open_choice.num_heads == 2
     with pytest.raises(ValueError, match="decoder heads"):
         open_choice.compress("text")
     open_choice.select_head("llama")
     llama = open_choice.compress("some text here")
     assert llama.head == 0
-    mistral = Compressor.from_pretrained(tiny_dir / "multi", head="mistral").compress("some text here")
+    mistral = load(tiny_dir / "multi", head="mistral").compress("some text here")
     assert mistral.head == 1
     assert not torch.allclose(llama.embeddings, mistral.embeddings)
-    assert torch.equal(Compressor.from_pretrained(tiny_dir / "multi", head=1).compress("some text here").embeddings,
-                       mistral.embeddings)
+    assert torch.equal(load(tiny_dir / "multi", head=1).compress("some text here").embeddings, mistral.embeddings)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         Compressor.from_pretrained(tiny_dir / "multi", head=2)
     with pytest.raises(ValueError, match="choices"):
@@ -165,8 +228,8 @@ def test_two_head_encoder_needs_a_choice(tiny_dir):
 
 
 def test_dtypes(tiny_dir):
-    bf16 = Compressor.from_pretrained(tiny_dir / "hub", dtype=torch.bfloat16)
-    f32 = Compressor.from_pretrained(tiny_dir / "hub", dtype="float32")
+    bf16 = load(tiny_dir / "hub", dtype=torch.bfloat16)
+    f32 = load(tiny_dir / "hub", dtype="float32")
     a, b = bf16.compress(TEXTS[1]), f32.compress(TEXTS[1])
     assert a.dtype == torch.bfloat16 and b.dtype == torch.float32
     rel = (a.embeddings.float() - b.embeddings).norm() / b.embeddings.norm()
@@ -329,23 +392,29 @@ def test_hub_id_from_the_cache_with_default_tokenizer(tiny_dir, llama3_tokenizer
 
 
 def test_out_of_memory_splits_the_batch_with_identical_results(tiny_dir, monkeypatch):
-    comp = Compressor.from_pretrained(tiny_dir / "hub")
+    comp = load(tiny_dir / "hub")
     texts = [f"text number {i} of a batch of similar lengths" for i in range(10)]
     expected = comp.compress(texts)
     forward = comp.model.forward
-    calls = []
+    calls, failed = [], []
 
     def small_device(ids, lengths):  # a device that fits two sequences at a time
         calls.append(len(lengths))
         if len(lengths) > 2:
+            activations = torch.empty(1024, device=ids.device)  # what a failed forward pass holds when it fails
+            failed.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        # the halves run outside the except block: no exception in flight, the failed passes' tensors freed
+        assert sys.exc_info() == (None, None, None)
+        assert all(ref() is None for ref in failed)
         return forward(ids, lengths)
 
     monkeypatch.setattr(comp.model, "forward", small_device)
     got = comp.compress(texts)
     assert calls[0] == 10 and sum(n for n in calls if n <= 2) == 10  # retried in halves down to what fits
+    assert failed and all(ref() is None for ref in failed)
     for a, b in zip(expected, got):
-        assert torch.allclose(a.embeddings, b.embeddings, atol=1e-5)
+        assert_close(b.embeddings, a.embeddings, what="split batch")
     calls.clear()
     monkeypatch.setattr(comp.model, "forward", lambda ids, lengths: (_ for _ in ()).throw(torch.OutOfMemoryError()))
     with pytest.raises(torch.OutOfMemoryError, match="chunk_size"):
@@ -353,7 +422,7 @@ def test_out_of_memory_splits_the_batch_with_identical_results(tiny_dir, monkeyp
 
 
 def test_chunked_mode_bounds_each_forward(tiny_dir, monkeypatch):
-    comp = Compressor.from_pretrained(tiny_dir / "hub")
+    comp = load(tiny_dir / "hub")
     forward = comp.model.forward
     seen = []
 

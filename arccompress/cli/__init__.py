@@ -1,4 +1,4 @@
-"""The `arccompress` command: compress, ask, eval, info, convert, demo.
+"""The `arccompress` command: compress, ask, eval, serve, info, convert, demo.
 
 Each command lives in its own module (`add_parser` registers it, `run` does it); this module assembles them
 and decides how a failure ends. A user's mistake or the environment's (an `ArcCompressError`, a file the
@@ -16,11 +16,11 @@ import threading
 import traceback
 from collections.abc import Sequence
 
-from .. import __version__
 from ..errors import ArcCompressError
-from . import ask, compress, demo, evaluate, info
+from ..version import __version__
+from . import ask, compress, demo, evaluate, info, serve
 
-COMMANDS = (compress, ask, evaluate, info, demo)
+COMMANDS = (compress, ask, evaluate, serve, info, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,12 +48,10 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def read_examples(path: str) -> list[tuple[str, str, str]]:
-    from ..corpus import BadRowValue, jsonl_records
+    from ..sources import JsonlFile, read_records
 
     examples = []
-    for where, e in jsonl_records(Path(path)):
-        if isinstance(e, BadRowValue):
-            raise InputError(f"{where}: {e}")
+    for where, e in read_records(JsonlFile(path)):
         missing = [k for k in ("document", "question", "answer") if k not in e]
         if missing:
             raise InputError(f"{where}: an example needs document, question and answer; missing {', '.join(missing)}")
@@ -95,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     text = gen.generate(parts, max_new_tokens=args.max_new_tokens)
     print(text if args.full_output else first_answer(text))
     s = gen.savings(parts)
-    note = f"{s.context_text_tokens} text tokens -> " if s.context_text_tokens is not None else ""
-    print(f"[contexts: {note}{s.context_embeddings} embeddings; prompt {s.prompt_length} positions]", file=sys.stderr)
+    text_tokens = f"~{s.context_text_tokens} (encoder tokens)" if s.estimated else str(s.context_text_tokens)
+    print(f"[contexts: {text_tokens} text tokens -> {s.context_embeddings} embeddings; prompt {s.prompt_length} "
+          "positions]", file=sys.stderr)
     return 0

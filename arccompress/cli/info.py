@@ -58,9 +58,10 @@ def run_info(args: argparse.Namespace) -> int:
     from ..checkpoint import ENCODER_FILES, read_checkpoint
     from ..encoder import ARCEncoder, num_parameters
     from ..hub import is_hub_id, resolve_folder
+    from ..store import ContextStore
 
     path = Path(args.name)
-    if (path / "manifest.json").is_file():
+    if ContextStore.exists(path):
         return print_store(path)
     if not path.exists() and not is_hub_id(args.name):
         raise NotFoundError(f"{args.name}: no such folder (neither a context store nor a checkpoint)")

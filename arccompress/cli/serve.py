@@ -1,0 +1,158 @@
+"""`arccompress serve`: the OpenAI-compatible RAG service, on this machine (uvicorn) or on Ray Serve."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InputError, NotFoundError
+from .options import add_encoder_options, compressor_kwargs, positive_float, positive_int, resolve_models
+
+if TYPE_CHECKING:  # the service's modules (FastAPI, pydantic) load only when the command runs
+    from ..serve import ServiceConfig
+
+
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("serve", parents=[common], help="serve compressed RAG over OpenAI's API: text or stored ids in, "
+                                                       "answers out")
+    add_encoder_options(p, decoder=True)
+    p.add_argument("--store", help="a context store the clients may name documents from, by id")
+    p.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                   help="the engine that generates (vllm: continuous batching, prefix caching)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--api-key", help="clients must send it as a bearer token (default: $ARCCOMPRESS_API_KEY, if set)")
+    p.add_argument("--graceful-timeout", type=positive_int, default=300,
+                   help="on SIGTERM, seconds the requests in flight may take to finish (default 300)")
+    p.add_argument("--served-model-name", help="the model name clients use (default: the decoder's folder name)")
+    g = p.add_argument_group("engine (passed to the backend)")
+    g.add_argument("--quantization", help="transformers: 4bit or 8bit (bitsandbytes); vllm: 4bit "
+                                          "(bitsandbytes in flight) or its own methods (awq, gptq, fp8, ...)")
+    g.add_argument("--max-model-len", type=positive_int, help="vllm: the context length to allocate for")
+    g.add_argument("--tensor-parallel-size", type=positive_int, help="vllm: GPUs per replica")
+    g.add_argument("--gpu-memory-utilization", type=positive_float, help="vllm: its share of GPU memory (0-1)")
+    g.add_argument("--kv-cache-gib", type=positive_float,
+                   help="vllm: GiB of KV cache (on a CPU, 1 unless VLLM_CPU_KVCACHE_SPACE is set)")
+    g.add_argument("--enforce-eager", action="store_true", help="vllm: no CUDA graphs / torch.compile")
+    g.add_argument("--block-size", type=positive_int, help="vllm: positions per KV-cache block (prefix caching shares "
+                                                            "whole blocks; default 16 on GPUs, 32 here on a CPU)")
+    g = p.add_argument_group("throughput and limits")
+    g.add_argument("--batch-window-ms", type=positive_float, default=5.0,
+                   help="how long concurrent requests' texts gather into one encoder call (default 5 ms)")
+    g.add_argument("--batch-tokens", type=positive_int, default=16384, help="encoder tokens per compression batch")
+    g.add_argument("--cache-size", type=int, default=1024, help="compressed texts kept for reuse (LRU; 0: none)")
+    g.add_argument("--max-batch", type=positive_int, default=32, help="transformers: sequences per generate")
+    g.add_argument("--max-documents", type=positive_int, default=64, help="documents per request")
+    g.add_argument("--max-document-tokens", type=positive_int, default=16384, help="tokens per document given as text")
+    g.add_argument("--max-body-bytes", type=positive_int, default=16 << 20, help="request body size")
+    g = p.add_argument_group("Ray Serve")
+    g.add_argument("--ray", action="store_true", help="run as a Ray Serve application (one engine per replica)")
+    g.add_argument("--replicas", type=positive_int, default=1, help="--ray: replicas")
+    g.add_argument("--gpus-per-replica", type=positive_float, help="--ray: GPUs per replica (default 1 if the "
+                                                                   "cluster has GPUs)")
+    g.add_argument("--address", help="--ray: the cluster to join (default: a new local one)")
+    p.set_defaults(run=run)
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What the backend gets: transformers' Generator.from_pretrained or vLLM's AsyncEngineArgs."""
+    if args.backend == "transformers":
+        vllm_only = [f"--{k.replace('_', '-')}" for k in ("max_model_len", "tensor_parallel_size",
+                                                          "gpu_memory_utilization", "kv_cache_gib", "block_size")
+                     if getattr(args, k) is not None] + (["--enforce-eager"] if args.enforce_eager else [])
+        if vllm_only:
+            raise InputError(f"{', '.join(vllm_only)} configure vLLM: add --backend vllm")
+        if args.quantization not in (None, "4bit", "8bit"):
+            raise InputError(f"--quantization {args.quantization}: the transformers backend takes 4bit or 8bit")
+        options = {"quantization": args.quantization, "dtype": args.dtype, "device_map": None,
+                   "local_files_only": args.offline or None}
+        return {k: v for k, v in options.items() if v is not None}
+    options = {"quantization": args.quantization, "dtype": args.dtype, "max_model_len": args.max_model_len,
+               "tensor_parallel_size": args.tensor_parallel_size, "kv_cache_gib": args.kv_cache_gib,
+               "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager or None,
+               "block_size": args.block_size, "local_files_only": args.offline or None}
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def config_from(args: argparse.Namespace) -> ServiceConfig:
+    from ..serve import Limits, ServiceConfig
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("ARCCOMPRESS_API_KEY") or None
+    return ServiceConfig(
+        encoder=str(args.encoder), decoder=str(args.decoder), store=args.store, backend=args.backend,
+        served_name=args.served_model_name, api_key=api_key,
+        encoder_options={k: v for k, v in compressor_kwargs(args).items() if v is not None},
+        engine_options=engine_options(args),
+        limits=Limits(max_documents=args.max_documents, max_document_tokens=args.max_document_tokens,
+                      max_body_bytes=args.max_body_bytes),
+        batch_window=args.batch_window_ms / 1000, batch_tokens=args.batch_tokens, cache_size=args.cache_size,
+        max_batch=args.max_batch, verbose=args.verbose)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..store import ContextStore
+
+    resolve_models(args)
+    config = config_from(args)
+    if config.store is not None and not ContextStore.exists(config.store):
+        raise NotFoundError(f"--store {config.store}: no context store there (make one with `arccompress compress`)")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
+        print(f"arccompress serve: warning: binding {args.host} without --api-key: anyone who reaches it may use it",
+              file=sys.stderr)
+    if args.ray:
+        return run_on_ray(args, config)
+    if args.replicas != 1 or args.gpus_per_replica is not None or args.address:
+        raise InputError("--replicas, --gpus-per-replica and --address go with --ray")
+    import uvicorn
+
+    from ..serve import build_app
+
+    # uvicorn stops on SIGTERM: no new connections, the requests in flight finish, the models are released; then
+    # it raises the signal again for whoever handled it before: here, a note that this was the planned way out
+    terminated = []
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: terminated.append(sig))
+    try:
+        # uvicorn's own lines say when the models are loaded and where it listens; requests are logged with --verbose
+        uvicorn.run(build_app(config), host=args.host, port=args.port, log_level="info", access_log=args.verbose,
+                    timeout_graceful_shutdown=args.graceful_timeout)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        print("arccompress serve: stopped by SIGTERM after finishing the requests in flight", file=sys.stderr)
+    return 0
+
+
+def run_on_ray(args: argparse.Namespace, config: ServiceConfig) -> int:
+    """Deploy on Ray Serve (joining `--address`, else a local cluster) and serve until SIGTERM or Ctrl-C, then shut
+    the deployment (its replicas finish their requests) and the cluster connection down."""
+    import ray
+    from ray import serve
+
+    from ..serve import deployment
+
+    ray.init(address=args.address, log_to_driver=args.verbose, logging_level="INFO" if args.verbose else "WARNING")
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.set())
+    try:
+        gpus = args.gpus_per_replica
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(deployment(config, num_replicas=args.replicas, ray_actor_options={"num_gpus": gpus} if gpus else None),
+                  route_prefix="/", blocking=False)
+        print(f"arccompress serve: {args.replicas} replica(s) of {config.model_name!r} ready at "
+              f"http://{args.host}:{args.port}/v1 on Ray Serve", file=sys.stderr, flush=True)
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        serve.shutdown()
+        ray.shutdown()
+    return 0

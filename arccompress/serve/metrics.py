@@ -1,0 +1,40 @@
+"""The service's Prometheus metrics, in a registry of its own (several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+
+
+class Metrics:
+    """Counters, gauges and histograms of one service, exposed at `/metrics`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("arccompress_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.documents = Counter("arccompress_documents", "documents by where their context came from: compressed "
+                                 "now, the compression cache, or the store", ["source"], registry=r)
+        self.compress_batches = Histogram("arccompress_compress_batch_documents", "documents per encoder call "
+                                          "(the micro-batcher gathers concurrent requests' texts)",
+                                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.store_batches = Histogram("arccompress_store_batch_ids", "ids per store read (one get_many per batch)",
+                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.cache_hits = Counter("arccompress_compression_cache_hits", "texts found compressed in the cache", registry=r)
+        self.prompt_positions = Counter("arccompress_prompt_positions", "decoder positions of the prompts served",
+                                        registry=r)
+        self.positions_saved = Counter("arccompress_positions_saved", "decoder positions the documents saved against "
+                                       "their full text", registry=r)
+        self.generated_tokens = Counter("arccompress_generated_tokens", "tokens generated", registry=r)
+        self.prefix_cached_tokens = Counter("arccompress_prefix_cache_hit_tokens", "prompt positions read from the "
+                                            "engine's prefix cache (vLLM)", registry=r)
+        self.prefix_prompt_tokens = Counter("arccompress_prefix_cache_query_tokens", "prompt positions looked up in "
+                                            "the engine's prefix cache (vLLM)", registry=r)
+        self.queue_depth = Gauge("arccompress_queue_depth", "work waiting: documents not yet in an encoder batch, "
+                                 "sequences waiting for or in generation", ["stage"], registry=r)
+        self.ttft = Histogram("arccompress_time_to_first_token_seconds", "from the request's arrival to its first "
+                              "generated token", buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("arccompress_request_latency_seconds", "from arrival to the last byte",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
