@@ -7,8 +7,11 @@ file descriptor, as separate processes do); tests/test_store_processes.py races 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -304,12 +307,16 @@ def test_format_2_stores_are_refused_and_converted(comp, tmp_path):
     assert with_checksums(pq.read_table(fragments(tmp_path / "new")[0])).equals(
         pq.read_table(fragments(tmp_path / "new")[0]).replace_schema_metadata(None))
     assert isinstance(new.fragment_writer(), FragmentWriter)
+    # from the command line too, with no codec given: the 0.2 store keeps its own
+    out = subprocess.run([sys.executable, "-m", "arccompress.cli", "convert", str(old), str(tmp_path / "cli")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert sorted(ContextStore(tmp_path / "cli")) == [f"k{i}" for i in range(5)]
 
 
 def test_ids_repeated_by_a_writer_ignoring_the_lock(tmp_path):
     """A fragment made outside the protocol (copied in, an old writer) that repeats a stored id: the first
     fragment indexed keeps it, and the repeat is counted; a fragment holding an id twice is refused by name."""
-    import os
 
     from arccompress.store.format import write_fragment
 

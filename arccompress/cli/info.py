@@ -17,10 +17,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--offline", action="store_true", help="use only the local Hugging Face cache")
     p.set_defaults(run=run_info)
 
-    p = sub.add_parser("convert", parents=[common], help="copy an arccompress 0.1 store into the current format, once")
-    p.add_argument("old", help="the 0.1 store (index.jsonl and safetensors shards)")
+    p = sub.add_parser("convert", parents=[common],
+                       help="copy a store of arccompress 0.1 or 0.2 into the current format, once")
+    p.add_argument("old", help="the old store (0.1: index.jsonl and safetensors shards; 0.2: store format 2)")
     p.add_argument("new", help="the new store folder")
-    p.add_argument("--codec", default="float16", help="a decoder-space codec (float32, float16, bfloat16, decoder-int8)")
+    p.add_argument("--codec", help="0.1 stores only: a decoder-space codec (float32, float16 (default), bfloat16, "
+                                   "decoder-int8); a 0.2 store keeps its own")
     p.set_defaults(run=run_convert)
 
 
