@@ -260,16 +260,37 @@ def metrics(server) -> dict[str, float]:
     ("unknown field", dict(json={"model": "tiny", "prompt": "Hi", "documents": []}), 400, "documents"),
     ("bad part", dict(json={"model": "tiny", "prompt": [{"type": "document"}]}), 400, "either 'text' or 'id'"),
     ("unknown model", dict(json={"model": "gpt-9", "prompt": "Hi"}), 404, "'gpt-9' does not exist"),
+    ("a string for a count", dict(json={"model": "tiny", "prompt": "Hi", "max_tokens": "5"}), 400, "max_tokens"),
+    ("a bool for n", dict(json={"model": "tiny", "prompt": "Hi", "n": True}), 400, "n"),
+    ("seed over 64 bits", dict(json={"model": "tiny", "prompt": "Hi", "seed": 2 ** 70}), 400, "seed"),
+    ("lone surrogate", dict(content=b'{"model": "tiny", "prompt": "a\\ud800b"}',
+                            headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}),
+     400, "lone surrogate"),
+    ("an empty prompt in a list", dict(json={"model": "tiny", "prompt": [[]]}), 400, "empty"),
+    ("answer: an empty document", dict(path="/v1/answer", json={"question": "Where?", "documents": [""]}), 400,
+     "documents[0]"),
+    ("answer: no question", dict(path="/v1/answer", json={"question": "", "documents": ["A text."]}), 400,
+     "question"),
+    ("unknown endpoint", dict(path="/v1/nope", json={}), 404, "no such endpoint"),
+    ("wrong method", dict(path="/v1/completions", method="GET"), 405, "does not take GET"),
 ])
 def test_bad_requests_get_one_json_error_and_the_server_keeps_serving(server, client, what, request_kwargs, status,
                                                                       needle):
     kwargs = dict(request_kwargs)
     headers = kwargs.pop("headers", {"Authorization": f"Bearer {KEY}"})
-    r = httpx.post(f"{server.url}/v1/completions", headers=headers, timeout=30, **kwargs)
+    method, path = kwargs.pop("method", "POST"), kwargs.pop("path", "/v1/completions")
+    r = httpx.request(method, f"{server.url}{path}", headers=headers, timeout=30, **kwargs)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert needle in error["message"] and set(error) == {"message", "type", "param", "code"}
     assert client.completions.create(model="tiny", prompt="ok", max_tokens=2, temperature=0).choices[0].text is not None
+
+
+def test_a_document_shorter_than_its_compressed_form_is_served(client, server):
+    """One token of text is two positions compressed (its vector and <Cont>): it saves nothing, and that is no error."""
+    out = client.completions.create(model="tiny", prompt=[{"type": "document", "text": "x"}], max_tokens=2)
+    assert out.usage.to_dict()["prompt_positions_saved"] <= 0 and out.choices[0].text is not None
+    assert metrics(server)["arccompress_positions_saved_total"] >= 0
 
 
 def test_models_health_and_a_decoder_without_chat_template(server, models):

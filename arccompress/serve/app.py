@@ -27,6 +27,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from ..engine import Sampling
 from ..errors import ArcCompressError, ContextNotFoundError, EngineError, InputError
@@ -43,10 +44,11 @@ Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
 
 
-def error_response(status: int, message: str, *, param: str | None = None, kind: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, *, param: str | None = None, kind: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     kind = kind or {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
                     503: "service_unavailable"}.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse(error_body(message, kind=kind, param=param, code=status), status_code=status)
+    return JSONResponse(error_body(message, kind=kind, param=param, code=status), status_code=status, headers=headers)
 
 
 class BodyLimit:
@@ -142,6 +144,20 @@ def build_app(config: ServiceConfig | None = None, *, service: Service | None = 
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         param, message = validation_message(exc.errors())
         return error_response(400, message, param=param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own refusals (an unknown path, a method, a body it cannot parse) in OpenAI's schema."""
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "?")
+            message = f"{request.url.path} does not take {request.method} (allowed: {allowed})"
+        elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            message = "the body is not valid JSON (not UTF-8, nested too deep, or a number too long)"
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, headers=exc.headers)
 
     @app.exception_handler(ArcCompressError)
     async def refused(request: Request, exc: ArcCompressError) -> JSONResponse:

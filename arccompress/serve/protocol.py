@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+
+INT64 = 1 << 63  # seeds are 64-bit integers, as every engine reads them
 
 
 class Strict(BaseModel):
@@ -47,23 +49,24 @@ PromptParts = list[Union[str, Part]]
 
 
 class StreamOptions(Strict):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(Strict):
     """OpenAI's generation fields that every backend honours."""
 
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # the chat API's newer name for max_tokens
+    # counts and switches are JSON's own types: "5" or true is not a number of tokens, 1 is not a switch
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)  # the chat API's newer name for max_tokens
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(default=1, ge=1)
-    stream: bool = False
+    seed: StrictInt | None = Field(default=None, ge=-INT64, lt=INT64)
+    n: StrictInt = Field(default=1, ge=1)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as an identifier for the caller's own logs
-    return_token_ids: bool = False  # each choice also carries its generated token ids (as vLLM's server offers)
+    return_token_ids: StrictBool = False  # each choice also carries its generated token ids (as vLLM's server offers)
 
     @model_validator(mode="after")
     def _one_length(self) -> SamplingFields:
@@ -107,6 +110,8 @@ class CompletionRequest(SamplingFields):
         if all(isinstance(p, str) for p in self.prompt):
             return [[p] for p in self.prompt]  # type: ignore[list-item]
         if all(isinstance(p, list) for p in self.prompt):
+            if not all(self.prompt):
+                raise ValueError("prompt: a prompt of the list is empty")
             return [list(p) for p in self.prompt]  # type: ignore[arg-type]
         if any(isinstance(p, list) for p in self.prompt):
             raise ValueError("prompt: a list holds either parts (one prompt) or lists of parts (one prompt each), "
@@ -124,7 +129,7 @@ class AnswerRequest(SamplingFields):
     """The paper's few-shot QA format: the JSON twin of `Generator.answer`. Greedy unless told otherwise."""
 
     model: str | None = None
-    question: str
+    question: str = Field(min_length=1)
     documents: list[Union[str, DocumentPart]] = Field(min_length=1)
     examples: list[Example] = Field(default_factory=list)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)

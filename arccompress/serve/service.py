@@ -21,6 +21,7 @@ import torch
 from ..compressor import Compressor
 from ..errors import InputError, NotFoundError
 from ..prompts import ANSWER_END, TokenIds, fewshot_qa_prompt
+from ..tokenization import check_text
 from ..store import ContextStore
 from ..engine import Sampling
 from .backends import Backend, Delta, TransformersBackend, VLLMBackend
@@ -126,12 +127,12 @@ class Service:
         messages = []
         for i, message in enumerate(request.messages):
             if isinstance(message.content, str):
-                content = message.content
+                content = self._text(message.content, f"messages[{i}].content")
             else:
                 pieces = []
                 for j, part in enumerate(message.content):
                     if isinstance(part, TextPart):
-                        pieces.append(part.text)
+                        pieces.append(self._text(part.text, f"messages[{i}].content[{j}]"))
                     else:
                         pieces.append(f"{marker}{len(documents)}>")
                         documents.append(self._slot(part, f"messages[{i}].content[{j}]"))
@@ -160,8 +161,8 @@ class Service:
 
     async def prepare_answer(self, request: AnswerRequest) -> list[Prepared]:
         def docs(items: Sequence[str | DocumentPart], where: str) -> list[Slot]:
-            return [self._slot(DocumentPart(type="document", text=d) if isinstance(d, str) else d, f"{where}[{j}]")
-                    for j, d in enumerate(items)]
+            return [self.resolver.check_text(d, None, f"{where}[{j}]") if isinstance(d, str)
+                    else self._slot(d, f"{where}[{j}]") for j, d in enumerate(items)]
 
         question = docs(request.documents, "documents")
         examples = [docs(e.documents, f"examples[{i}].documents") for i, e in enumerate(request.examples)]
@@ -172,13 +173,19 @@ class Service:
         return await asyncio.to_thread(self._lay_out, [parts])
 
     def _slot(self, part: str | TextPart | DocumentPart, where: str) -> Slot:
-        if isinstance(part, str):
-            return part
-        if isinstance(part, TextPart):
-            return part.text
+        if isinstance(part, (str, TextPart)):
+            return self._text(part if isinstance(part, str) else part.text, where)
         if part.id is not None:
             return StoredId(part.id)
         return self.resolver.check_text(part.text, part.chunk_size, where)
+
+    @staticmethod
+    def _text(text: str, where: str) -> str:
+        """Text the tokenizer can take (no lone surrogates), else a 400 naming where it is."""
+        try:
+            return check_text(text, where)
+        except InputError as e:
+            raise RequestError(str(e), param=where) from None
 
     def _check_count(self, slots: list[Slot], param: str) -> None:
         n = sum(isinstance(s, (TextDocument, StoredId)) for s in slots)
@@ -251,7 +258,7 @@ class Service:
             return
         for p in prepared:
             self.metrics.prompt_positions.inc(p.positions)
-            if p.positions_saved:
+            if p.positions_saved and p.positions_saved > 0:  # a document shorter than its compressed form saves none
                 self.metrics.positions_saved.inc(p.positions_saved)
         if len(prepared) == 1:
             async for deltas in self.backend.generate(prepared[0].embeds, sampling, request_id):
