@@ -17,7 +17,9 @@ in `arccompress.integrations.documents`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InputTypeError, MissingDependencyError
@@ -42,6 +44,15 @@ except ImportError as e:
 __all__ = ["ArcResponseSynthesizer"]
 
 dispatcher = get_dispatcher(__name__)
+
+
+@dataclass
+class _Synthesis:
+    """One synthesis under way: the query, its nodes as passages, and the response once made."""
+
+    query: str
+    passages: list[Passage]
+    response: Any = None
 
 
 class ArcResponseSynthesizer(BaseSynthesizer):
@@ -88,43 +99,42 @@ class ArcResponseSynthesizer(BaseSynthesizer):
 
     # ------------------------------------------------------------------ synthesis
 
+    @contextmanager
+    def _synthesis(self, query: QueryBundle | str, nodes: list[NodeWithScore]) -> Iterator[_Synthesis]:
+        """LlamaIndex's events around one synthesis: the caller sets `.response` inside."""
+        query_str = query.query_str if isinstance(query, QueryBundle) else query
+        dispatcher.event(SynthesizeStartEvent(query=query))
+        with self._callback_manager.event(CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: query_str}) as event:
+            done = _Synthesis(query_str, node_passages(nodes))
+            yield done
+            event.on_end(payload={EventPayload.RESPONSE: done.response})
+        dispatcher.event(SynthesizeEndEvent(query=query, response=done.response))
+
     def synthesize(self, query: QueryBundle | str, nodes: list[NodeWithScore],
                    additional_source_nodes: Sequence[NodeWithScore] | None = None,
                    **response_kwargs: Any) -> RESPONSE_TYPE:
         """The answer to the query from the nodes, each given to the decoder as a compressed document."""
-        query_str = query.query_str if isinstance(query, QueryBundle) else query
-        dispatcher.event(SynthesizeStartEvent(query=query))
-        payload = {EventPayload.QUERY_STR: query_str}
-        with self._callback_manager.event(CBEventType.SYNTHESIZE, payload=payload) as event:
-            passages = node_passages(nodes)
+        with self._synthesis(query, nodes) as s:
             if self._streaming:
-                stream = self._qa.stream(query_str, passages, **response_kwargs)
-                response: RESPONSE_TYPE = StreamingResponse(iter(stream), **sources(nodes, additional_source_nodes))
+                stream = self._qa.stream(s.query, s.passages, **response_kwargs)
+                s.response = StreamingResponse(iter(stream), **sources(nodes, additional_source_nodes))
             else:
-                reply = self._qa.answer(query_str, passages, **response_kwargs)
-                response = Response(reply.text, **sources(nodes, additional_source_nodes))
-            event.on_end(payload={EventPayload.RESPONSE: response})
-        dispatcher.event(SynthesizeEndEvent(query=query, response=response))
-        return response
+                reply = self._qa.answer(s.query, s.passages, **response_kwargs)
+                s.response = Response(reply.text, **sources(nodes, additional_source_nodes))
+        return s.response
 
     async def asynthesize(self, query: QueryBundle | str, nodes: list[NodeWithScore],
                           additional_source_nodes: Sequence[NodeWithScore] | None = None,
                           **response_kwargs: Any) -> RESPONSE_TYPE:
         """`synthesize` with the engine's work on a worker thread (a stream: each piece awaited there)."""
-        query_str = query.query_str if isinstance(query, QueryBundle) else query
-        dispatcher.event(SynthesizeStartEvent(query=query))
-        payload = {EventPayload.QUERY_STR: query_str}
-        with self._callback_manager.event(CBEventType.SYNTHESIZE, payload=payload) as event:
-            passages = node_passages(nodes)
+        with self._synthesis(query, nodes) as s:
             if self._streaming:
-                pieces = self._qa.astream(query_str, passages, **response_kwargs)
-                response: RESPONSE_TYPE = AsyncStreamingResponse(pieces, **sources(nodes, additional_source_nodes))
+                pieces = self._qa.astream(s.query, s.passages, **response_kwargs)
+                s.response = AsyncStreamingResponse(pieces, **sources(nodes, additional_source_nodes))
             else:
-                reply = await self._qa.aanswer(query_str, passages, **response_kwargs)
-                response = Response(reply.text, **sources(nodes, additional_source_nodes))
-            event.on_end(payload={EventPayload.RESPONSE: response})
-        dispatcher.event(SynthesizeEndEvent(query=query, response=response))
-        return response
+                reply = await self._qa.aanswer(s.query, s.passages, **response_kwargs)
+                s.response = Response(reply.text, **sources(nodes, additional_source_nodes))
+        return s.response
 
     # BaseSynthesizer's text-chunk interface: chunks without ids, each compressed
 
