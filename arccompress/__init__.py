@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import deprecated
 from .version import __version__
 
 _EXPORTS = {
@@ -26,32 +27,39 @@ _EXPORTS = {
     "PromptSavings": "prompts",
     "TokenIds": "prompts",
     "fewshot_qa_prompt": "prompts",
-    "Completion": "engine",
-    "Engine": "engine",
-    "Sampling": "engine",
-    "Generator": "generation",
-    "ServiceClient": "client",
+    "Completion": "engines.base",
+    "Engine": "engines.base",
+    "Sampling": "engines.base",
+    "Generator": "engines.transformers",
+    "VLLMGenerator": "engines.vllm",
+    "VLLMClient": "engines.remote.vllm_server",
+    "ServiceClient": "engines.remote.service",
     "compress_corpus": "corpus",
     "evaluate": "eval",
 }
 __all__ = [
     "ArcCompressError", "CheckpointError", "Completion", "CompressedContext", "Compressor", "ContextNotFoundError",
     "ContextRef", "ContextStore", "ContextText", "Engine", "EngineError", "Generator", "InputError", "PromptSavings",
-    "Sampling", "ServiceClient", "StoreError", "TokenIds", "compress_corpus", "evaluate", "fewshot_qa_prompt",
-    "__version__",
+    "Sampling", "ServiceClient", "StoreError", "TokenIds", "VLLMClient", "VLLMGenerator", "compress_corpus",
+    "evaluate", "fewshot_qa_prompt", "__version__",
 ]
 
 if TYPE_CHECKING:
-    from .client import ServiceClient
     from .compressor import Compressor
     from .context import CompressedContext
     from .corpus import compress_corpus
-    from .engine import Completion, Engine, Sampling
+    from .engines.base import Completion, Engine, Sampling
+    from .engines.remote.service import ServiceClient
+    from .engines.remote.vllm_server import VLLMClient
+    from .engines.transformers import Generator
+    from .engines.vllm import VLLMGenerator
     from .errors import ArcCompressError, CheckpointError, ContextNotFoundError, EngineError, InputError, StoreError
     from .eval import evaluate
-    from .generation import Generator
     from .prompts import ContextRef, ContextText, PromptSavings, TokenIds, fewshot_qa_prompt
     from .store import ContextStore
+
+
+deprecated.install()  # the import paths of 0.3 (arccompress.vllm, arccompress.generation, ...) for one release
 
 
 def __getattr__(name: str) -> Any:

@@ -18,7 +18,8 @@ from .encoder import ARCEncoder
 from .errors import InputError, InputTypeError, NotFoundError
 from .heads import FAMILY_HEADS, resolve_head
 from .hub import resolve_folder
-from .runtime import interactive_output, progress_bar, resolve_device, resolve_dtype
+from .console import interactive_output, progress_bar
+from .devices import resolve_device, resolve_dtype
 from .tokenization import TextTokenizer, check_text
 
 DEFAULT_TOKENIZER = "meta-llama/Llama-3.2-3B"

@@ -15,7 +15,7 @@ Llama 3), special-token strings kept as text, and every context's embeddings ins
 
 `normalize` reads what a caller passed, once, at an engine's public entry; below it everything takes lists of
 part lists. `PromptBuilder` turns those into rows for every engine: transformers (`Generator`), vLLM in process
-and vLLM's server (`arccompress.vllm`) all read the rows it makes.
+and vLLM's server (`arccompress.engines`) all read the rows it makes.
 """
 
 from __future__ import annotations

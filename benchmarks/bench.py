@@ -32,7 +32,7 @@ import torch
 from arccompress import Compressor, Generator
 from arccompress.compressor import padding_fraction, plan_batches
 from arccompress.encoder import ARCEncoder, EncoderConfig
-from arccompress.runtime import synchronize
+from arccompress.devices import synchronize
 from arccompress.tiny import byte_level_tokenizer
 
 ARC8 = EncoderConfig(dim=3072, n_layers=26, n_heads=24, n_kv_heads=8, head_dim=128, hidden_dim=8192, norm_eps=1e-5,

@@ -116,7 +116,7 @@ def main() -> None:
     from vllm import SamplingParams
 
     from arccompress import Generator
-    from arccompress.vllm import VLLMGenerator
+    from arccompress.engines import VLLMGenerator
 
     spec = dict(PRESETS[args.preset]) | (SMALL if args.scale == "small" else {})
     device = "cuda" if args.preset == "gpu" and torch.cuda.is_available() else "cpu"

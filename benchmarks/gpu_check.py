@@ -63,7 +63,8 @@ from bench import (  # noqa: E402
 
 from arccompress import Compressor, ContextStore, Generator, __version__  # noqa: E402
 from arccompress.compressor import bundled_llama3_tokenizer  # noqa: E402
-from arccompress.runtime import default_dtype, quiet_loading, resolve_device, synchronize  # noqa: E402
+from arccompress.console import quiet_loading  # noqa: E402
+from arccompress.devices import default_dtype, resolve_device, synchronize  # noqa: E402
 from arccompress.tiny import byte_level_tokenizer  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden"

@@ -22,7 +22,7 @@ if _ASKED_DEVICE == "cpu":
 import torch  # noqa: E402
 
 from arccompress.errors import InputError  # noqa: E402
-from arccompress.runtime import resolve_device, resolve_dtype  # noqa: E402
+from arccompress.devices import resolve_device, resolve_dtype  # noqa: E402
 from arccompress.tiny import build_tiny_decoder, build_tiny_encoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

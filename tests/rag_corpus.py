@@ -7,7 +7,7 @@ import math
 import re
 import zlib
 
-from arccompress.engine import Completion, Engine
+from arccompress.engines.base import Completion, Engine
 from arccompress.prompts import ContextRef
 
 TOWNS = ["Avenor", "Belcastel", "Corvel", "Dunmere", "Esterly", "Falkirk", "Glenroe", "Harrow", "Istria", "Jorvik"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from arccompress import Compressor, ContextStore, Generator
-from arccompress.client import ServiceClient
+from arccompress.engines import ServiceClient
 from arccompress.tiny import build_tiny_decoder, build_tiny_encoder
 from tests.rag_corpus import KEY, PASSAGES, STORED
 from tests.test_serve import Server

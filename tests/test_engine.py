@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from arccompress import Compressor, ContextNotFoundError, Generator, InputError
-from arccompress.engine import Completion, Sampling, StopFilter, cut_at_stop
+from arccompress.engines.base import Completion, Sampling
+from arccompress.engines.text import StopFilter, cut_at_stop
 from arccompress.prompts import ContextRef, ContextText, PromptBuilder, TokenIds, fewshot_qa_prompt
 
 DOC = "The Loire is the longest river in France, flowing 1,006 km to the Atlantic."
@@ -247,8 +248,8 @@ def test_describe_says_what_determines_the_outputs(tiny_dir, comp, gen):
 
 
 def test_8bit_with_bfloat16_is_refused_not_cast(tiny_dir, comp):
-    from arccompress.generation import quantization_config
-    from arccompress.vllm import VLLMGenerator
+    from arccompress.engines.transformers import quantization_config
+    from arccompress.engines import VLLMGenerator
 
     with pytest.raises(InputError, match="8-bit quantization computes in float16"):
         Generator.from_pretrained(tiny_dir / "llama-decoder", compressor=comp, quantization="8bit", dtype="bfloat16")
@@ -256,3 +257,34 @@ def test_8bit_with_bfloat16_is_refused_not_cast(tiny_dir, comp):
         quantization_config("8bit", torch.bfloat16)
     with pytest.raises(InputError, match="4 bits only"):  # refused before vLLM is imported: no silent 4-bit
         VLLMGenerator.from_pretrained(tiny_dir / "llama-decoder", compressor=comp, quantization="8bit")
+
+
+def test_old_import_paths_still_work_and_say_where_to_go():
+    """The import paths of 0.3 keep working for one release: the same objects, with a DeprecationWarning naming the
+    new module (and an attribute that never existed is still an AttributeError)."""
+    import importlib
+    import sys
+
+    from arccompress.console import progress_bar
+    from arccompress.devices import resolve_device
+    from arccompress.engines import VLLMClient, VLLMGenerator
+    from arccompress.engines.base import Sampling
+    from arccompress.engines.text import StopFilter
+
+    for old in ("arccompress.engine", "arccompress.vllm", "arccompress.vllm.generator", "arccompress.runtime",
+                "arccompress.generation", "arccompress.client", "arccompress.wire", "arccompress.openai_api"):
+        sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=r"arccompress\.vllm moved: import from arccompress\.engines\.vllm"):
+        old_vllm = importlib.import_module("arccompress.vllm")
+    assert old_vllm.VLLMGenerator is VLLMGenerator and old_vllm.VLLMClient is VLLMClient
+    with pytest.warns(DeprecationWarning, match="arccompress.engines.base or arccompress.engines.text"):
+        old_engine = importlib.import_module("arccompress.engine")
+    assert old_engine.Sampling is Sampling and old_engine.StopFilter is StopFilter
+    with pytest.warns(DeprecationWarning):
+        old_runtime = importlib.import_module("arccompress.runtime")
+    assert old_runtime.resolve_device is resolve_device and old_runtime.progress_bar is progress_bar
+    with pytest.warns(DeprecationWarning):
+        assert importlib.import_module("arccompress.vllm.generator").engine_memory
+    with pytest.raises(AttributeError, match="moved to arccompress.engines.transformers"):
+        with pytest.warns(DeprecationWarning):
+            importlib.import_module("arccompress.generation").no_such_name

@@ -24,11 +24,12 @@ else:
                                               "environment")
 from arccompress import CompressedContext, Compressor, ContextText, Generator, fewshot_qa_prompt  # noqa: E402
 from arccompress import openai_api  # noqa: E402
-from arccompress.engine import Sampling, cut_at_eos  # noqa: E402
+from arccompress.engines.base import Sampling  # noqa: E402
+from arccompress.engines.text import cut_at_eos  # noqa: E402
 from arccompress.prompts import ContextRef, TokenIds  # noqa: E402
 from arccompress.tiny import build_tiny_decoder, build_tiny_encoder, build_tiny_pair  # noqa: E402
-from arccompress.vllm import VLLMClient, VLLMGenerator, VLLMServerError, read_embedding_matrix  # noqa: E402
-from arccompress.vllm.generator import engine_memory  # noqa: E402
+from arccompress.engines import VLLMClient, VLLMGenerator, VLLMServerError, read_embedding_matrix  # noqa: E402
+from arccompress.engines.vllm import engine_memory  # noqa: E402
 
 HIDDEN = 256  # 4 attention heads of 64: vLLM's CPU attention refuses head_dim 16
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=1024)  # memory: the package's CPU default

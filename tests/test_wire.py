@@ -1,4 +1,4 @@
-"""VLLMClient and the bounded HTTP under it (arccompress.wire) against a local fake server that answers garbage,
+"""VLLMClient and the bounded HTTP under it (arccompress.engines.remote.http) against a local fake server that answers garbage,
 the wrong schema, errors, dribbles or floods: each is one VLLMServerError naming the URL and the problem, in
 bounded time, and the client stays usable. No vLLM needed."""
 
@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from arccompress import Compressor, ContextText
-from arccompress.vllm import VLLMClient, VLLMServerError
-from arccompress.wire import EventParser, EventStreamError, Wire, WireError, json_field
+from arccompress.engines import VLLMClient, VLLMServerError
+from arccompress.engines.remote.http import EventParser, EventStreamError, Wire, WireError, json_field
 
 MODELS = {"object": "list", "data": [{"id": "tiny", "object": "model", "max_model_len": 512}]}
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError, NotFoundError
-from .options import add_encoder_options, load_compressor, positive_int, resolve_models
+from .options import add_encoder_options, load_compressor, load_engine, positive_int, resolve_models
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -66,16 +66,7 @@ def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     resolve_models(args)
     comp = load_compressor(args)
-    if args.server:
-        from ..vllm import VLLMClient
-
-        gen = VLLMClient(args.server, compressor=comp, decoder=args.decoder, model=args.model,
-                         local_files_only=args.offline or None)
-    else:
-        from ..generation import Generator
-
-        gen = Generator.from_pretrained(args.decoder, compressor=comp, quantization=args.quantization,
-                                        local_files_only=args.offline or None)
+    gen = load_engine(args, comp)
     if args.store:
         if not Path(args.store).is_dir():
             raise NotFoundError(f"no store at {args.store}")

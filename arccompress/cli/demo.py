@@ -22,9 +22,9 @@ def run(args: argparse.Namespace) -> int:
 
 def demo(workdir: Path) -> int:
     from ..compressor import Compressor
-    from ..generation import Generator
+    from ..console import quiet_loading
+    from ..engines.transformers import Generator
     from ..prompts import fewshot_qa_prompt
-    from ..runtime import quiet_loading
     from ..tiny import build_tiny_pair
 
     print("arccompress demo: a tiny ARC-Encoder and decoder with RANDOM weights, built on the spot (no download).")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError, NotFoundError
-from .options import add_encoder_options, load_compressor, positive_float, positive_int, resolve_models
+from .options import add_encoder_options, load_compressor, load_engine, positive_float, positive_int, resolve_models
 
 
 def fraction(text: str) -> float:
@@ -72,17 +72,7 @@ def run(args: argparse.Namespace) -> int:
     questions = Questions.select(len(rows), shots=args.shots, seed=args.seed, limit=args.limit)
     check_modes(modes, rows, questions, ContextStore(args.store) if args.store else None)
     comp = load_compressor(args)
-    if args.backend == "vllm":
-        from ..vllm import VLLMGenerator
-
-        memory = {k: getattr(args, k) for k in ("gpu_memory_utilization", "kv_cache_gib") if getattr(args, k)}
-        gen = VLLMGenerator.from_pretrained(args.decoder, compressor=comp, quantization=args.quantization,
-                                            verbose=args.verbose, **memory)
-    else:
-        from ..generation import Generator
-
-        gen = Generator.from_pretrained(args.decoder, compressor=comp, quantization=args.quantization,
-                                        local_files_only=args.offline or None)
+    gen = load_engine(args, comp)
     store = ContextStore(args.store, compressor=comp) if args.store else None
     report = evaluate(args.data, generator=gen, modes=modes, shots=args.shots, limit=args.limit, seed=args.seed,
                       chunk_size=args.chunk_size, store=store, output=args.output, batch_size=args.batch_size,
@@ -92,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     for note in report.notes:
         print(f"arccompress eval: note: {note}", file=sys.stderr)
     if args.output:
-        print(f"\nreport: {Path(args.output) / 'report.md'}, {Path(args.output) / 'report.json'}, "
-              f"{Path(args.output) / 'report.png'}")
+        print(f"\nreport: {', '.join(str(f) for f in report.files)}")
+        if report.plot_skipped:
+            print(f"arccompress eval: note: no report.png: {report.plot_skipped}", file=sys.stderr)
     return 0

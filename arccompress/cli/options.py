@@ -1,4 +1,9 @@
-"""Options that several commands share: the encoder, the decoder, `--tiny`, and how they become objects."""
+"""Options that several commands share: the encoder, the decoder, `--tiny`, and how they become objects.
+
+Every command that generates builds its engine through `load_engine`, so that `--dtype`, `--device`,
+`--quantization` and `--offline` mean the same for `ask`, `eval` and `serve`: `--device` and `--dtype` apply to
+the encoder and the decoder alike (a vLLM engine or server picks its own device).
+"""
 
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ def add_encoder_options(p: argparse.ArgumentParser, *, decoder: bool) -> None:
     g.add_argument("--head", help="decoder head of a two-head encoder: llama, mistral, or an index")
     g.add_argument("--backbone-params", help="research layout: the backbone's params.json")
     g.add_argument("--device", help="cuda, cuda:1, cpu, ...; default: cuda when available")
-    g.add_argument("--dtype", help="compute dtype; default bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--dtype", help="compute dtype of the encoder" + (" and the decoder" if decoder else "") +
+                                 "; default bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--revision", help="hub revision (branch, tag or commit) of the encoder")
     g.add_argument("--token", help="Hugging Face token (gated or private repositories)")
     g.add_argument("--offline", action="store_true", help="use only the local Hugging Face cache")
@@ -76,3 +82,28 @@ def load_compressor(args: argparse.Namespace):
     from ..compressor import Compressor
 
     return Compressor.from_pretrained(args.encoder, **compressor_kwargs(args))
+
+
+def load_engine(args: argparse.Namespace, compressor: Any, *, store: Any = None) -> Any:
+    """The engine a command generates with: a vLLM server's client (`--server`), a vLLM engine in this process
+    (`--backend vllm`), else a transformers decoder; the decoder options mean the same for all of them."""
+    server, backend = getattr(args, "server", None), getattr(args, "backend", "transformers")
+    local_files_only = args.offline or None
+    if server:
+        from ..engines.remote.vllm_server import VLLMClient
+
+        return VLLMClient(server, compressor=compressor, decoder=args.decoder, model=args.model, store=store,
+                          local_files_only=local_files_only)
+    if backend == "vllm":
+        from ..engines.vllm import VLLMGenerator
+
+        memory = {k: getattr(args, k) for k in ("gpu_memory_utilization", "kv_cache_gib") if getattr(args, k, None)}
+        return VLLMGenerator.from_pretrained(args.decoder, compressor=compressor, store=store,
+                                             quantization=args.quantization, verbose=args.verbose,
+                                             local_files_only=local_files_only,
+                                             **({"dtype": args.dtype} if args.dtype else {}), **memory)
+    from ..engines.transformers import Generator
+
+    return Generator.from_pretrained(args.decoder, compressor=compressor, store=store, quantization=args.quantization,
+                                     dtype=args.dtype, local_files_only=local_files_only)
+

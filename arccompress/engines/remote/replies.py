@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
-from .engine import Sampling
-from .errors import InputError
-from .wire import Wire, WireError, int_list, json_field
+from ...errors import InputError
+from ..base import Sampling
+from .http import Wire, WireError, int_list, json_field
 
 
 class Choice(NamedTuple):

@@ -1,8 +1,9 @@
-"""Generator: a transformers decoder reading prompts in which compressed contexts stand where text would.
+"""The transformers engine, `Generator`: a transformers decoder reading prompts in which compressed contexts stand
+where text would.
 
 Prompts are built by `PromptBuilder` (see `arccompress.prompts`); rows are left-padded with an attention
 mask, so a prompt generates the same tokens alone or in a batch. The public API is `Engine`'s
-(`arccompress.engine`); transformers' own `generate` arguments pass through.
+(`arccompress.engines.base`); transformers' own `generate` arguments pass through.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import torch
 from transformers import (LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
                           StoppingCriteria, StoppingCriteriaList)
 
-from .compressor import Compressor
-from .engine import (Completion, LocalEngine, Sampling, StopFilter, cut_at_eos, cut_at_stop, decoder_fingerprint,
-                     without_cut_character)
-from .errors import InputError, InputTypeError, MissingDependencyError, NotFoundError
-from .hub import resolve_folder
-from .prompts import ContextSource, Part, Prompt, PromptBuilder, check_head, normalize
-from .runtime import default_dtype, quiet_bitsandbytes, quiet_loading, resolve_dtype, synchronize
-from .tokenization import find_sentencepiece_model
+from ..compressor import Compressor
+from ..console import quiet_bitsandbytes, quiet_loading
+from ..devices import default_dtype, resolve_dtype, synchronize
+from ..errors import InputError, InputTypeError, MissingDependencyError, NotFoundError
+from ..hub import resolve_folder
+from ..prompts import ContextSource, Part, Prompt, PromptBuilder, check_head, normalize
+from ..tokenization import find_sentencepiece_model
+from .base import Completion, DecoderCard, LocalEngine, Sampling
+from .text import StopFilter, cut_at_eos, cut_at_stop, without_cut_character
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 DECODER_FILES = ["*.json", "model*.safetensors", "tokenizer*"]  # what a hub decoder needs
@@ -45,6 +47,8 @@ class Generator(LocalEngine):
     `num_return_sequences` is n. With temperature > 0 and no do_sample, it samples.
     """
 
+    backend = "transformers"
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -61,7 +65,6 @@ class Generator(LocalEngine):
         self.tokenizer = tokenizer
         self.compressor = compressor
         self.store = store
-        self._fingerprint: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -146,13 +149,10 @@ class Generator(LocalEngine):
         get = quant.get if isinstance(quant, dict) else lambda key: getattr(quant, key, None)
         return "4bit" if get("load_in_4bit") else "8bit" if get("load_in_8bit") else str(get("quant_method"))
 
-    def describe(self) -> dict[str, Any]:
-        if self._fingerprint is None:
-            self._fingerprint = decoder_fingerprint(self.model.config.to_dict(), self.prompts.weight)
+    def decoder_card(self) -> DecoderCard:
         cfg = self.model.config
-        return {"backend": "transformers", "decoder": str(getattr(cfg, "_name_or_path", "") or cfg.model_type),
-                "decoder_fingerprint": self._fingerprint, "quantization": self.quantization,
-                "dtype": str(self.embedding_dtype).replace("torch.", ""), **self.encoder_description()}
+        return DecoderCard(str(getattr(cfg, "_name_or_path", "") or cfg.model_type), cfg.to_dict(), self.quantization,
+                           self.embedding_dtype)
 
     # ------------------------------------------------------------------ prompts
 

@@ -1,4 +1,4 @@
-"""VLLMGenerator: a vLLM engine in this process reading prompts in which compressed contexts stand where text would.
+"""The vLLM engine in process, `VLLMGenerator`: prompts in which compressed contexts stand where text would.
 
 vLLM reads a prompt as `prompt_embeds`, one (T, H) tensor; `PromptBuilder` makes exactly the rows
 `Generator.prepare_inputs` places, with the decoder's input-embedding matrix read alone from its safetensors.
@@ -21,10 +21,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..compressor import Compressor
-from ..engine import Completion, LocalEngine, Sampling, check_prompt_lengths, cut_at_eos, decoder_fingerprint
 from ..errors import InputError, InputTypeError
 from ..prompts import ContextSource, Part, Prompt, PromptBuilder, check_head, normalize
-from .decoder import DecoderFiles, decoder_files, read_embedding_matrix
+from .base import Completion, DecoderCard, LocalEngine, Sampling, check_prompt_lengths
+from .decoder_files import DecoderFiles, decoder_files, read_embedding_matrix
+from .text import cut_at_eos
 
 CPU_KV_CACHE_GIB = 1.0  # vLLM's CPU default claims a share of the machine's memory and refuses a busy machine
 QUANTIZATION = {"4bit": "bitsandbytes"}  # vLLM quantizes in flight with bitsandbytes to 4 bits only
@@ -99,6 +100,8 @@ class VLLMGenerator(LocalEngine):
     keywords, any `vllm.SamplingParams` field passes through, or a `SamplingParams` itself (`sampling_params=`).
     """
 
+    backend = "vllm"
+
     def __init__(
         self,
         llm: Any,
@@ -123,7 +126,6 @@ class VLLMGenerator(LocalEngine):
         self.prompts = PromptBuilder(tokenizer, compressor, embedding.to(self.dtype),
                                      sentencepiece_model=sentencepiece_model)
         check_head(getattr(model_config.hf_config, "model_type", None), compressor)
-        self._fingerprint: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -139,6 +141,7 @@ class VLLMGenerator(LocalEngine):
         verbose: bool = False,
         revision: str | None = None,
         token: str | bool | None = None,
+        local_files_only: bool | None = None,
         **llm_kwargs: Any,
     ) -> VLLMGenerator:
         """Start a vLLM engine on `decoder`.
@@ -146,14 +149,15 @@ class VLLMGenerator(LocalEngine):
         quantization: "4bit" (bitsandbytes in flight, on CUDA), or any method vLLM names ("awq", "fp8", ...);
         "8bit" is refused: vLLM's in-flight bitsandbytes is 4-bit only. gpu_memory_utilization: vLLM's share of
         GPU memory. kv_cache_gib: the KV cache's size (on a CPU: 1 GiB by default). verbose: vLLM's info logs.
-        Other keyword arguments go to `vllm.LLM` (dtype, max_model_len, enforce_eager, tensor_parallel_size, ...);
+        local_files_only: the hub's local cache only (vLLM's own reads too). Other keyword arguments go to `vllm.LLM` (dtype, max_model_len, enforce_eager, tensor_parallel_size, ...);
         `enable_prompt_embeds` is set.
         """
         if not isinstance(compressor, Compressor):
             raise InputTypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
         files = prepare_engine(decoder, llm_kwargs, quantization=quantization,
                                gpu_memory_utilization=gpu_memory_utilization, kv_cache_gib=kv_cache_gib,
-                               verbose=verbose, tokenizer=tokenizer, revision=revision, token=token)
+                               verbose=verbose, tokenizer=tokenizer, revision=revision, token=token,
+                               local_files_only=local_files_only)
         from vllm import LLM
 
         llm_kwargs["enable_prompt_embeds"] = True
@@ -168,13 +172,9 @@ class VLLMGenerator(LocalEngine):
                 f"{str(self.dtype).replace('torch.', '')}, max_model_len={self.max_model_len}, "
                 f"encoder={self.compressor.name!r}, head={self.compressor.head})")
 
-    def describe(self) -> dict[str, Any]:
+    def decoder_card(self) -> DecoderCard:
         cfg = self.llm.llm_engine.model_config
-        if self._fingerprint is None:
-            self._fingerprint = decoder_fingerprint(cfg.hf_config.to_dict(), self.prompts.weight)
-        return {"backend": "vllm", "decoder": str(cfg.model), "decoder_fingerprint": self._fingerprint,
-                "quantization": cfg.quantization, "dtype": str(self.dtype).replace("torch.", ""),
-                **self.encoder_description()}
+        return DecoderCard(str(cfg.model), cfg.hf_config.to_dict(), cfg.quantization, self.dtype)
 
     # ------------------------------------------------------------------ sampling
 

@@ -2,7 +2,7 @@
 
 The client builds each prompt's rows here (`PromptBuilder`: the decoder's tokenizer and its input-embedding
 matrix, read alone from the decoder's safetensors; never its other weights) and sends them as vLLM's
-`prompt_embeds`. Every exchange goes through `arccompress.wire`: `timeout` is a deadline for the whole request
+`prompt_embeds`. Every exchange goes through `arccompress.engines.remote.http`: `timeout` is a deadline for the whole request
 (for a stream: for each gap and overall), answers are capped in size, and anything the server says that is
 not what vLLM's OpenAI-compatible API promises is a `VLLMServerError` naming the URL and the problem.
 
@@ -22,14 +22,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .. import openai_api
-from ..compressor import Compressor
-from ..context import check_finite
-from ..engine import Completion, LocalEngine, Sampling, check_prompt_lengths, cut_at_eos, decoder_fingerprint
-from ..errors import InputError, InputTypeError
-from ..prompts import ContextSource, Part, PromptBuilder, check_head
-from ..wire import DEFAULT_MAX_BODY_BYTES, Wire, WireError
-from .decoder import decoder_files
+from ...compressor import Compressor
+from ...context import check_finite
+from ...errors import InputError, InputTypeError
+from ...prompts import ContextSource, Part, PromptBuilder, check_head
+from ..base import Completion, DecoderCard, LocalEngine, Sampling, check_prompt_lengths
+from ..decoder_files import decoder_files
+from ..text import cut_at_eos
+from . import replies
+from .http import DEFAULT_MAX_BODY_BYTES, Wire, WireError
 
 
 class VLLMServerError(WireError):
@@ -55,6 +56,8 @@ class VLLMClient(LocalEngine):
     the common ones go into the request (vLLM's extra sampling fields, e.g. top_k).
     """
 
+    backend = "vllm-server"
+
     def __init__(
         self,
         base_url: str,
@@ -74,12 +77,12 @@ class VLLMClient(LocalEngine):
     ):
         if not isinstance(compressor, Compressor):
             raise InputTypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
-        self.max_concurrency = openai_api.check_max_concurrency(max_concurrency)
+        self.max_concurrency = replies.check_max_concurrency(max_concurrency)
         self.wire = Wire(base_url, timeout=timeout, max_body_bytes=max_response_bytes,
                          headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
                          server="vLLM server", error=VLLMServerError)
         self.base_url = self.wire.base_url
-        card = openai_api.choose_model(openai_api.model_cards(self.wire), model, self.base_url)
+        card = replies.choose_model(replies.model_cards(self.wire), model, self.base_url)
         self.model: str = card["id"]
         self.max_model_len: int | None = card.get("max_model_len")
         files = decoder_files(decoder, tokenizer=tokenizer, revision=revision, token=token,
@@ -92,18 +95,14 @@ class VLLMClient(LocalEngine):
                                      sentencepiece_model=files.sentencepiece_model)
         check_head(files.model_type, compressor)
         self._config = files.config
-        self._fingerprint: str | None = None
 
     def __repr__(self) -> str:
         return (f"VLLMClient({self.base_url!r}, model={self.model!r}, max_model_len={self.max_model_len}, "
                 f"encoder={self.compressor.name!r}, head={self.compressor.head})")
 
-    def describe(self) -> dict[str, Any]:
-        if self._fingerprint is None:
-            self._fingerprint = decoder_fingerprint(self._config, self.prompts.weight)
-        return {"backend": "vllm-server", "server": self.base_url, "model": self.model, "decoder": self.decoder,
-                "decoder_fingerprint": self._fingerprint, "quantization": None, "dtype": None,  # the server's own
-                **self.encoder_description()}
+    def decoder_card(self) -> DecoderCard:
+        # quantization and dtype are the server's own
+        return DecoderCard(self.decoder, self._config, None, None, where={"server": self.base_url, "model": self.model})
 
     def check(self, embeds: torch.Tensor, where: str) -> None:
         """What the client refuses to send: a wrong shape, NaN/infinity (lengths: against max_model_len)."""
@@ -127,7 +126,7 @@ class VLLMClient(LocalEngine):
         return 1 if sampling.greedy else sampling.n
 
     def _body(self, row: torch.Tensor, sampling: Sampling) -> dict[str, Any]:
-        return openai_api.request_body(self.model, {"prompt_embeds": encode_prompt_embeds(row)}, sampling,
+        return replies.request_body(self.model, {"prompt_embeds": encode_prompt_embeds(row)}, sampling,
                                        self._asked(sampling))
 
     def complete(self, prompts: list[list[Part]], sampling: Sampling, *, time_prefill: bool = False) -> list[Completion]:
@@ -137,7 +136,7 @@ class VLLMClient(LocalEngine):
             return []
         rows, savings = self.build(prompts)
         self._checked_rows(rows, sampling)
-        results = openai_api.complete_all(self.wire, "/completions", [self._body(row, sampling) for row in rows],
+        results = replies.complete_all(self.wire, "/completions", [self._body(row, sampling) for row in rows],
                                           self._asked(sampling), timed=time_prefill,
                                           max_concurrency=self.max_concurrency)
         eos, copies = [self.tokenizer.eos_token_id], sampling.n // self._asked(sampling)  # greedy n: one, n times
@@ -149,4 +148,4 @@ class VLLMClient(LocalEngine):
     def stream_completion(self, prompt: list[Part], sampling: Sampling) -> Iterator[str]:
         """The server's stream of one prompt's text."""
         rows = self._checked_rows(self.prompt_rows([prompt]), sampling)
-        return openai_api.stream_text(self.wire, "/completions", self._body(rows[0], sampling))
+        return replies.stream_text(self.wire, "/completions", self._body(rows[0], sampling))

@@ -9,9 +9,9 @@
 
 Documents travel as documents: text (a str in `answer`'s documents, or `ContextText`) is compressed on the server,
 `ContextRef(id)` is read from the server's store. Tensors never travel: a `CompressedContext` is refused here, with
-the way out. It is an engine like the others (`arccompress.engine.Engine`), so `evaluate`, the RAG framework
+the way out. It is an engine like the others (`arccompress.engines.Engine`), so `evaluate`, the RAG framework
 adapters and notebooks use a running service as they use a local decoder. Needs only httpx (`arccompress[client]`);
-every request is bounded in time and size (`arccompress.wire`).
+every request is bounded in time and size (`arccompress.engines.remote.http`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from . import openai_api
-from .context import CompressedContext
-from .engine import Completion, Engine, Sampling
-from .errors import InputTypeError
-from .prompts import ContextRef, ContextText, Part, TokenIds
-from .wire import DEFAULT_MAX_BODY_BYTES, Wire, WireError
+from ...context import CompressedContext
+from ...errors import InputTypeError
+from ...prompts import ContextRef, ContextText, Part, TokenIds
+from ..base import Completion, Engine, Sampling
+from . import replies
+from .http import DEFAULT_MAX_BODY_BYTES, Wire, WireError
 
 
 class ServiceError(WireError):
@@ -41,7 +41,7 @@ class ServiceClient(Engine):
 
     def __init__(self, base_url: str, *, api_key: str | None = None, model: str | None = None,
                  timeout: float = 600.0, max_concurrency: int = 16, max_response_bytes: int = DEFAULT_MAX_BODY_BYTES):
-        self.max_concurrency = openai_api.check_max_concurrency(max_concurrency)
+        self.max_concurrency = replies.check_max_concurrency(max_concurrency)
         if not isinstance(base_url, str):
             raise InputTypeError(f"base_url must be a str, not {type(base_url).__name__}")
         base = base_url.rstrip("/")
@@ -50,7 +50,7 @@ class ServiceClient(Engine):
         self.wire = Wire(base, timeout=timeout, max_body_bytes=max_response_bytes, headers=headers,
                          server="arccompress service", error=ServiceError)
         self.base_url = self.wire.base_url
-        card = openai_api.choose_model(openai_api.model_cards(self.wire), model, self.base_url)
+        card = replies.choose_model(replies.model_cards(self.wire), model, self.base_url)
         self.model: str = card["id"]
         self.max_model_len: int | None = card.get("max_model_len")
         self.server_description: dict[str, Any] = card.get("arccompress") if isinstance(card.get("arccompress"), dict) \
@@ -90,7 +90,7 @@ class ServiceClient(Engine):
         return out
 
     def body(self, prompt: list[Part], index: int, sampling: Sampling) -> dict[str, Any]:
-        return openai_api.request_body(self.model, {"prompt": self.wire_prompt(prompt, index)}, sampling, sampling.n)
+        return replies.request_body(self.model, {"prompt": self.wire_prompt(prompt, index)}, sampling, sampling.n)
 
     def complete(self, prompts: list[list[Part]], sampling: Sampling, *, time_prefill: bool = False) -> list[Completion]:
         """One request per prompt, concurrently; positions and savings as the service counted them. The prefill,
@@ -98,7 +98,7 @@ class ServiceClient(Engine):
         bodies = [self.body(p, i, sampling) for i, p in enumerate(prompts)]  # every prompt checked before sending
         if time_prefill:
             bodies = [b | {"stream_options": {"include_usage": True}} for b in bodies]
-        results = openai_api.complete_all(self.wire, "/completions", bodies, sampling.n, timed=time_prefill,
+        results = replies.complete_all(self.wire, "/completions", bodies, sampling.n, timed=time_prefill,
                                           max_concurrency=self.max_concurrency)
         return [Completion(texts=r.texts, token_ids=r.token_ids, finish_reasons=r.finish_reasons,
                            prompt_positions=(r.usage or {}).get("prompt_tokens"),
@@ -107,4 +107,4 @@ class ServiceClient(Engine):
 
     def stream_completion(self, prompt: list[Part], sampling: Sampling) -> Iterator[str]:
         """The service's stream of one prompt's text."""
-        return openai_api.stream_text(self.wire, "/completions", self.body(prompt, 0, sampling))
+        return replies.stream_text(self.wire, "/completions", self.body(prompt, 0, sampling))

@@ -12,11 +12,13 @@ engine understands, with OpenAI's meanings; `extra` carries an engine's own opti
 
 `LocalEngine` is the base of the engines that build the decoder's input rows in this process (`Generator`,
 `VLLMGenerator`, `VLLMClient`): a PromptBuilder, a Compressor and optionally a store for ContextRef parts.
-An engine that leaves prompts to a server (a service's client) derives from `Engine` itself.
+An engine that leaves prompts to a server (a service's client) derives from `Engine` itself. How tokens become
+text (stops, EOS, a character cut short) is `arccompress.engines.text`, shared by all of them.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -27,9 +29,9 @@ from typing import Any
 
 import torch
 
-from .compressor import Compressor
-from .errors import EngineError, InputError, InputTypeError
-from .prompts import (ContextSource, Document, Part, Piece, Prompt, PromptBuilder, PromptSavings, fewshot_qa_prompt,
+from ..compressor import Compressor
+from ..errors import EngineError, InputError, InputTypeError
+from ..prompts import (ContextSource, Document, Part, Piece, Prompt, PromptBuilder, PromptSavings, fewshot_qa_prompt,
                       first_answer, normalize, normalize_one)
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -211,9 +213,11 @@ class LocalEngine(Engine):
     """An engine that builds the decoder's input rows in this process.
 
     Subclasses set `prompts` (a PromptBuilder: the decoder's tokenizer and input-embedding table, and the
-    compressor), `compressor` and `store` (where ContextRef parts are read; None: they are refused).
+    compressor), `compressor` and `store` (where ContextRef parts are read; None: they are refused), and say what
+    they run on through `decoder_card`; `describe` is written here once.
     """
 
+    backend: str  # how `describe` names the engine: "transformers", "vllm", "vllm-server"
     prompts: PromptBuilder
     compressor: Compressor
     store: ContextSource | None
@@ -232,55 +236,37 @@ class LocalEngine(Engine):
     def prompt_savings(self, prompts: list[list[Part]]) -> list[PromptSavings]:
         return [self.prompts.savings_of(p) for p in self.layouts(prompts)]
 
-    def encoder_description(self) -> dict[str, Any]:
-        return {"encoder": self.compressor.name, "encoder_fingerprint": self.compressor.fingerprint,
-                "head": self.compressor.head}
+    # ------------------------------------------------------------------ what determines the outputs
+
+    @abstractmethod
+    def decoder_card(self) -> DecoderCard:
+        """The decoder this engine runs, as `describe` reports it."""
+
+    @functools.cached_property
+    def decoder_fingerprint(self) -> str:
+        """The decoder's fingerprint (its settings and input-embedding matrix): hashed once."""
+        return decoder_fingerprint(self.decoder_card().config, self.prompts.weight)
+
+    def describe(self) -> dict[str, Any]:
+        card, comp = self.decoder_card(), self.compressor
+        return {"backend": self.backend, **card.where, "decoder": card.name,
+                "decoder_fingerprint": self.decoder_fingerprint, "quantization": card.quantization,
+                "dtype": None if card.dtype is None else str(card.dtype).removeprefix("torch."), "encoder": comp.name, "encoder_fingerprint": comp.fingerprint, "head": comp.head}
+
+
+@dataclass(frozen=True)
+class DecoderCard:
+    """What a local engine's `describe` says of its decoder: its name, the config its fingerprint hashes, its
+    quantization and dtype as run (None where a server decides), and where it runs (a server's URL, say)."""
+
+    name: str
+    config: Mapping[str, Any]
+    quantization: str | None
+    dtype: torch.dtype | None
+    where: Mapping[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- rules every engine shares
-
-
-def cut_at_eos(ids: Iterable[int], eos_ids: Iterable[int | None]) -> list[int]:
-    """Token ids up to the first end-of-sequence id, which is dropped."""
-    ids, stops = list(ids), set(eos_ids) - {None}
-    return next((ids[:k] for k, t in enumerate(ids) if t in stops), ids)
-
-
-def without_cut_character(text: str) -> str:
-    """The text without a character cut short at its end (the U+FFFD that decoding an incomplete UTF-8 sequence
-    gives), which vLLM's detokenizer leaves out: every engine returns the same text for the same tokens."""
-    return text.rstrip("\ufffd")
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """(the text before the first occurrence of any stop string, whether there was one): OpenAI's rule."""
-    found = [k for k in (text.find(s) for s in stop) if k >= 0]
-    return (text[: min(found)], True) if found else (text, False)
-
-
-class StopFilter:
-    """OpenAI's stop rule on streamed text: pieces pass through, held back only while they could begin a stop
-    string; nothing from the first stop string on (`done` then says so)."""
-
-    def __init__(self, stop: Sequence[str]):
-        self.stop = tuple(stop)
-        self.pending = ""
-        self.done = False
-
-    def feed(self, piece: str) -> str:
-        if self.done:
-            return ""
-        text, hit = cut_at_stop(self.pending + piece, self.stop)
-        if hit:
-            self.done, self.pending = True, ""
-            return text
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.pending = text[len(text) - hold:] if hold else ""
-        return text[: len(text) - hold]
-
-    def flush(self) -> str:
-        rest, self.pending = ("" if self.done else self.pending), ""
-        return rest
 
 
 def check_prompt_lengths(rows: Sequence[torch.Tensor], max_new_tokens: int, max_model_len: int | None, what: str) -> None:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .errors import EngineError, InputError, MissingDependencyError
+from ...errors import EngineError, InputError, MissingDependencyError
 
 try:
     import httpx
