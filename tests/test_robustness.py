@@ -231,7 +231,8 @@ def test_quantization_is_an_extra(gen, tiny_dir, comp, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    with pytest.raises(ImportError, match=r"arccompress\[quantization\]"):
+    with pytest.raises(ImportError, match=r"needs bitsandbytes, which arccompress installs with its \[quantization\] "
+                                          r"extra: pip install -e '.*\[quantization\]'"):
         Generator.from_pretrained(tiny_dir / "llama-decoder", compressor=comp, quantization="4bit")
 
 

@@ -22,7 +22,8 @@ from transformers import (LogitsProcessor, LogitsProcessorList, PreTrainedModel,
 from ..compressor import Compressor
 from ..console import quiet_bitsandbytes, quiet_loading
 from ..devices import default_dtype, resolve_dtype, synchronize
-from ..errors import InputError, InputTypeError, MissingDependencyError, NotFoundError
+from ..errors import InputError, InputTypeError, NotFoundError
+from ..extras import missing
 from ..hub import resolve_folder
 from ..prompts import ContextSource, Part, Prompt, PromptBuilder, check_head, normalize
 from ..tokenization import find_sentencepiece_model
@@ -381,10 +382,8 @@ def quantization_config(quantization: str | Any | None, dtype: torch.dtype) -> A
     try:
         with quiet_bitsandbytes():  # its import logs a line about optional CPU kernels
             import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise MissingDependencyError(
-            f"quantization={quantization!r} needs bitsandbytes: pip install 'arccompress[quantization]'"
-        ) from None
+    except ImportError as e:
+        raise missing("quantization", f"quantization={quantization!r}", e) from None
     if isinstance(quantization, BitsAndBytesConfig):
         return quantization
     if quantization == "4bit":

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..compressor import Compressor
 from ..errors import InputError, InputTypeError
+from ..extras import require
 from ..prompts import ContextSource, Part, Prompt, PromptBuilder, check_head, normalize
 from .base import Completion, DecoderCard, LocalEngine, Sampling, check_prompt_lengths
 from .decoder_files import DecoderFiles, decoder_files, read_embedding_matrix
@@ -79,6 +80,7 @@ def prepare_engine(
     if quantization == "8bit":
         raise InputError("vLLM quantizes in flight to 4 bits only (bitsandbytes): use quantization='4bit', "
                          "'fp8' on a recent GPU, or a pre-quantized checkpoint")
+    require("vllm", "a vLLM engine")
     if quantization is not None:
         llm_kwargs["quantization"] = QUANTIZATION.get(quantization, quantization)
     if local_files_only:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..extras import install_command
+
 
 @dataclass
 class EvalReport:
@@ -64,7 +66,7 @@ class EvalReport:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            self.plot_skipped = "matplotlib is not installed (pip install 'arccompress[eval]')"
+            self.plot_skipped = f"matplotlib is not installed ({install_command('eval')})"
             self.files = written
             return written
         fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -29,12 +29,13 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ...errors import EngineError, InputError, MissingDependencyError
+from ...errors import EngineError, InputError
+from ...extras import missing
 
 try:
     import httpx
-except ImportError:
-    raise MissingDependencyError("talking to a server needs httpx: pip install 'arccompress[client]'") from None
+except ImportError as e:
+    raise missing("client", "talking to a server (ServiceClient, VLLMClient)", e) from None
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20
 SNIPPET = 120  # characters of a bad answer quoted in an error
