@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..checkpoint import parse_header, read_json, read_tensor_from
+from ..checkpoint import read_json
+from ..tensor_files import parse_header, read_tensor_from
 from ..errors import CheckpointError, NotFoundError
 from ..hub import is_hub_id, resolve_folder
 from ..tokenization import find_sentencepiece_model

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..console import interactive_output, progress_bar
 from ..engines.base import Engine, LocalEngine, Sampling
 from ..errors import InputError, InputTypeError
-from ..prompts import ContextRef, ContextText, fewshot_qa_prompt, first_answer, normalize
-from .data import MODES, Questions, check_modes, load_rows, parse_modes
+from ..prompts import ContextRef, ContextText, fewshot_qa_prompt, first_answer, normalize, resolve_documents
+from .data import MODES, QARow, Questions, check_modes, load_rows, parse_modes
 from .folder import claim_output, read_predictions, run_settings, write_predictions
 from .metrics import exact_match, f1_score, summarize
 from .report import EvalReport
@@ -53,85 +54,109 @@ def evaluate(
         raise InputError(f"batch_size must be a positive int, not {batch_size!r}")
     rows = load_rows(data)
     questions = Questions.select(len(rows), shots=shots, seed=seed, limit=limit)
-    example_idx, scored = questions.examples, questions.scored
     check_modes(modes, rows, questions, store)
     generate_kwargs.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     sampling = generator.sampling(**generate_kwargs)
     if sampling.n != 1:
         raise InputError(f"evaluation scores one answer per question: n must be 1, not {sampling.n}")
     engine = generator.describe()  # what determines its outputs: backend, decoder, encoder, fingerprints, ...
-    run = run_settings(rows, engine, store, shots=shots, seed=seed, chunk_size=chunk_size, batch_size=batch_size,
-                        sampling=sampling)
+    settings = run_settings(rows, engine, store, shots=shots, seed=seed, chunk_size=chunk_size,
+                            batch_size=batch_size, sampling=sampling)
     out = Path(output) if output is not None else None
     if out is not None:
-        claim_output(out, run, overwrite=overwrite)
-    if show_progress is None:
-        show_progress = interactive_output()
-    comp = generator.compressor if isinstance(generator, LocalEngine) else None
-
-    def documents(indices: list[int], mode: str) -> list[list[Any]]:
-        """Each row's documents: texts (full), contexts (compressed: read from the store, or the texts of all
-        rows compressed at once), or nothing (closed)."""
-        if mode == "closed":
-            return [[""] for _ in indices]  # fewshot_qa_prompt wants a document per question; closed shows none
-        use_store = mode == "compressed" and store is not None
-        # stored contexts: read here for a local engine; by id for a service, which reads its own store
-        docs = [(store.get_many(rows[i].passage_ids, device=comp.device) if comp else
-                 [ContextRef(k) for k in rows[i].passage_ids])
-                if use_store and rows[i].passage_ids is not None else list(rows[i].passages) for i in indices]
-        if mode == "full":
-            return docs
-        texts = [d.strip() for ds in docs for d in ds if isinstance(d, str)]
-        if comp is None:
-            made = iter([ContextText(t, chunk_size) for t in texts])
-        else:
-            made = iter(comp.compress(texts, chunk_size=chunk_size, show_progress_bar=False) if texts else [])
-        return [[next(made) if isinstance(d, str) else d for d in ds] for ds in docs]
-
-    compressed_examples = None
+        claim_output(out, settings, overwrite=overwrite)
+    run = Run(generator, sampling, rows, questions, store, chunk_size, batch_size, out,
+              interactive_output() if show_progress is None else show_progress)
     predictions: dict[str, list[dict[str, Any]]] = {}
-    scores: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     for mode in modes:
-        if mode == "compressed" and compressed_examples is None:
-            compressed_examples = documents(example_idx, mode)  # once, for every question
-        example_docs = compressed_examples if mode == "compressed" else documents(example_idx, mode)
-        examples = [(ds, rows[i].question, rows[i].answers[0]) for ds, i in zip(example_docs, example_idx)]
-        done, dropped = read_predictions(out, mode, set(questions.candidates))
+        predictions[mode], dropped = run.score(mode)
         if dropped:
             notes.append(f"predictions-{mode}.jsonl: {dropped} unreadable or incomplete line{'s' * (dropped > 1)} "
                          "dropped; those questions were asked again")
-        todo = [i for i in scored if i not in done]
-        from_store = mode == "compressed" and store is not None  # stored contexts keep no text: saved is estimated
-        with progress_bar(total=len(scored), initial=len(scored) - len(todo), unit="question", desc=mode,
-                          disable=not show_progress) as bar:
-            for k in range(0, len(todo), batch_size):
-                batch = todo[k: k + batch_size]
-                prompts = [fewshot_qa_prompt(rows[i].question, ds, examples, mode=PROMPT_MODES[mode])
-                           for i, ds in zip(batch, documents(batch, mode))]
-                results, total = _complete(generator, prompts, sampling)
-                new = []
-                for i, (text, positions, saved, prefill) in zip(batch, results):
-                    answer, r = first_answer(text), rows[i]
-                    new.append({"row": i, "question": r.question, "prediction": answer, "generated": text,
-                                "answers": r.answers, "exact_match": exact_match(answer, r.answers),
-                                "f1": f1_score(answer, r.answers), "prompt_positions": positions,
-                                "tokens_saved": saved, "tokens_saved_estimated": from_store and bool(r.passage_ids),
-                                "prefill_seconds": prefill / len(batch), "total_seconds": total / len(batch)})
-                write_predictions(out, mode, new)
-                done.update({p["row"]: p for p in new})
-                bar.update(len(batch))
-        predictions[mode] = [done[i] for i in scored]
-        scores[mode] = summarize(predictions[mode])
-    report = EvalReport(scores, predictions, {
+    report = EvalReport({mode: summarize(p) for mode, p in predictions.items()}, predictions, {
         "data": str(data) if isinstance(data, (str, Path)) else type(data).__name__,
         "encoder": engine.get("encoder"), "decoder": engine.get("decoder"), "backend": engine.get("backend"),
-        "shots": shots, "seed": seed, "example_rows": example_idx, "questions": len(scored), "modes": modes,
-        "run": run,
+        "shots": shots, "seed": seed, "example_rows": questions.examples, "questions": len(questions.scored),
+        "modes": modes, "run": settings,
     }, notes)
     if out is not None:
         report.save(out)
     return report
+
+
+@dataclass
+class Run:
+    """One evaluation under way: its engine and settings, its rows, and where its predictions go."""
+
+    generator: Engine
+    sampling: Sampling
+    rows: list[QARow]
+    questions: Questions
+    store: Any
+    chunk_size: int | None
+    batch_size: int
+    out: Path | None
+    show_progress: bool
+    _examples: list[list[Any]] | None = None  # the examples' compressed documents: made once for every question
+
+    def documents(self, indices: list[int], mode: str) -> list[list[Any]]:
+        """Each row's documents: texts (full), contexts (compressed: read from the store, or the texts of all
+        rows compressed at once), or nothing (closed). With a service, stored ids and texts travel as they are:
+        the service reads its own store and compresses."""
+        rows = [self.rows[i] for i in indices]
+        if mode == "closed":
+            return [[""] for _ in rows]  # fewshot_qa_prompt wants a document per question; closed shows none
+        if mode == "full":
+            return [list(r.passages or ()) for r in rows]
+        docs = [[ContextRef(k) for k in r.passage_ids] if self.store is not None and r.passage_ids is not None
+                else [ContextText(p.strip(), self.chunk_size) for p in r.passages or ()] for r in rows]
+        if not isinstance(self.generator, LocalEngine):
+            return docs
+        return resolve_documents(docs, self.generator.compressor, self.store, show_progress_bar=False)
+
+    def examples(self, mode: str) -> list[tuple[list[Any], str, str]]:
+        """The few-shot examples of a mode's prompts: (documents, question, first gold answer)."""
+        if mode != "compressed":
+            docs = self.documents(self.questions.examples, mode)
+        else:
+            if self._examples is None:
+                self._examples = self.documents(self.questions.examples, mode)
+            docs = self._examples
+        return [(ds, self.rows[i].question, self.rows[i].answers[0]) for ds, i in zip(docs, self.questions.examples)]
+
+    def score(self, mode: str) -> tuple[list[dict[str, Any]], int]:
+        """The predictions of every scored question in `mode` (those of an earlier run of the folder kept), and
+        how many unreadable lines of that run were dropped."""
+        examples = self.examples(mode)
+        done, dropped = read_predictions(self.out, mode, set(self.questions.candidates))
+        scored = self.questions.scored
+        todo = [i for i in scored if i not in done]
+        with progress_bar(total=len(scored), initial=len(scored) - len(todo), unit="question", desc=mode,
+                          disable=not self.show_progress) as bar:
+            for k in range(0, len(todo), self.batch_size):
+                batch = todo[k: k + self.batch_size]
+                new = self.predict(mode, batch, examples)
+                write_predictions(self.out, mode, new)
+                done.update({p["row"]: p for p in new})
+                bar.update(len(batch))
+        return [done[i] for i in scored], dropped
+
+    def predict(self, mode: str, batch: list[int], examples: list[tuple[list[Any], str, str]]) -> list[dict[str, Any]]:
+        """One batch of questions generated together: each one's prediction, scores and costs."""
+        prompts = [fewshot_qa_prompt(self.rows[i].question, ds, examples, mode=PROMPT_MODES[mode])
+                   for i, ds in zip(batch, self.documents(batch, mode))]
+        results, total = _complete(self.generator, prompts, self.sampling)
+        from_store = mode == "compressed" and self.store is not None  # stored contexts keep no text: estimated
+        new = []
+        for i, (text, positions, saved, prefill) in zip(batch, results):
+            answer, r = first_answer(text), self.rows[i]
+            new.append({"row": i, "question": r.question, "prediction": answer, "generated": text,
+                        "answers": r.answers, "exact_match": exact_match(answer, r.answers),
+                        "f1": f1_score(answer, r.answers), "prompt_positions": positions,
+                        "tokens_saved": saved, "tokens_saved_estimated": from_store and bool(r.passage_ids),
+                        "prefill_seconds": prefill / len(batch), "total_seconds": total / len(batch)})
+        return new
 
 
 # ----------------------------------------------------------------------------- the engine
