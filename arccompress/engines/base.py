@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from ..compressor import Compressor
 from ..errors import EngineError, InputError, InputTypeError
 from ..prompts import (ContextSource, Document, Part, Piece, Prompt, PromptBuilder, PromptSavings, fewshot_qa_prompt,
                       first_answer, normalize, normalize_one)
+from .text import Delta
 
 DEFAULT_MAX_NEW_TOKENS = 128
 ANSWER_MAX_NEW_TOKENS = 64
@@ -209,16 +210,40 @@ class Engine(ABC):
         return self.prompt_rows(prompts) if prompts else []
 
 
-class LocalEngine(Engine):
+class LocalDecoder(ABC):
+    """What an engine holding a decoder's tokenizer and input embeddings in this process has: `prompts` (a
+    PromptBuilder, with the compressor), a `backend` name, and `describe`, written here once from `decoder_card`."""
+
+    backend: str  # how `describe` names the engine: "transformers", "vllm", "vllm-server"
+    prompts: PromptBuilder
+
+    @abstractmethod
+    def decoder_card(self) -> DecoderCard:
+        """The decoder this engine runs, as `describe` reports it."""
+
+    @functools.cached_property
+    def decoder_fingerprint(self) -> str:
+        """The decoder's fingerprint (its settings and input-embedding matrix): hashed once."""
+        return decoder_fingerprint(self.decoder_card().config, self.prompts.weight)
+
+    def describe(self) -> dict[str, Any]:
+        """What determines this engine's outputs, JSON-serialisable: backend, decoder and its fingerprint,
+        quantization, dtype, encoder and its fingerprint, head."""
+        card, comp = self.decoder_card(), self.prompts.compressor
+        return {"backend": self.backend, **card.where, "decoder": card.name,
+                "decoder_fingerprint": self.decoder_fingerprint, "quantization": card.quantization,
+                "dtype": None if card.dtype is None else str(card.dtype).removeprefix("torch."), "encoder": comp.name,
+                "encoder_fingerprint": comp.fingerprint, "head": comp.head}
+
+
+class LocalEngine(LocalDecoder, Engine):
     """An engine that builds the decoder's input rows in this process.
 
     Subclasses set `prompts` (a PromptBuilder: the decoder's tokenizer and input-embedding table, and the
     compressor), `compressor` and `store` (where ContextRef parts are read; None: they are refused), and say what
-    they run on through `decoder_card`; `describe` is written here once.
+    they run on through `decoder_card`.
     """
 
-    backend: str  # how `describe` names the engine: "transformers", "vllm", "vllm-server"
-    prompts: PromptBuilder
     compressor: Compressor
     store: ContextSource | None
 
@@ -236,22 +261,35 @@ class LocalEngine(Engine):
     def prompt_savings(self, prompts: list[list[Part]]) -> list[PromptSavings]:
         return [self.prompts.savings_of(p) for p in self.layouts(prompts)]
 
-    # ------------------------------------------------------------------ what determines the outputs
+
+@dataclass
+class Observer:
+    """What an async engine reports as it works, for whoever counts (the service's metrics): tokens as they are
+    generated, and, at a request's end, its prompt positions read from the engine's prefix cache and looked up."""
+
+    tokens: Callable[[int], None] = lambda n: None
+    prefix_cache: Callable[[int, int], None] = lambda hits, queried: None
+
+
+class AsyncEngine(LocalDecoder):
+    """An engine's async face, for a service: one prompt's decoder rows in (laid out by `prompts`), its sequences'
+    `Delta`s out as they are produced, many requests at once. Stopping the iteration (a client gone, a deadline)
+    cancels the request on the engine within a step."""
+
+    max_model_len: int
+    penalties: bool  # whether it applies OpenAI's presence and frequency penalties (given in `Sampling.extra`)
 
     @abstractmethod
-    def decoder_card(self) -> DecoderCard:
-        """The decoder this engine runs, as `describe` reports it."""
+    def generate(self, rows: torch.Tensor, sampling: Sampling, request_id: str) -> AsyncIterator[list[Delta]]:
+        """Deltas of the request's sequences as they are produced, until every sequence finished."""
 
-    @functools.cached_property
-    def decoder_fingerprint(self) -> str:
-        """The decoder's fingerprint (its settings and input-embedding matrix): hashed once."""
-        return decoder_fingerprint(self.decoder_card().config, self.prompts.weight)
+    @property
+    @abstractmethod
+    def waiting(self) -> int:
+        """Sequences waiting for, or in, generation."""
 
-    def describe(self) -> dict[str, Any]:
-        card, comp = self.decoder_card(), self.compressor
-        return {"backend": self.backend, **card.where, "decoder": card.name,
-                "decoder_fingerprint": self.decoder_fingerprint, "quantization": card.quantization,
-                "dtype": None if card.dtype is None else str(card.dtype).removeprefix("torch."), "encoder": comp.name, "encoder_fingerprint": comp.fingerprint, "head": comp.head}
+    async def close(self) -> None:
+        """Stop the engine (the requests in flight are done first by the caller)."""
 
 
 @dataclass(frozen=True)

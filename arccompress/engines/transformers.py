@@ -9,6 +9,7 @@ mask, so a prompt generates the same tokens alone or in a batch. The public API 
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,7 @@ from ..hub import resolve_folder
 from ..prompts import ContextSource, Part, Prompt, PromptBuilder, check_head, normalize
 from ..tokenization import find_sentencepiece_model
 from .base import Completion, DecoderCard, LocalEngine, Sampling
-from .text import StopFilter, cut_at_eos, cut_at_stop, without_cut_character
+from .text import SequenceText, cut_at_eos, cut_at_stop, without_cut_character
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 DECODER_FILES = ["*.json", "model*.safetensors", "tokenizer*"]  # what a hub decoder needs
@@ -263,15 +264,14 @@ class Generator(LocalEngine):
         return without_cut_character(cut_at_stop(text, trim)[0]), ids, reason
 
     def stream_completion(self, prompt: list[Part], sampling: Sampling) -> Iterator[str]:
-        """transformers' TextIteratorStreamer on a generation thread; a consumer that stops early, or a stop
-        string, ends the generation at the next step."""
-        from transformers import TextIteratorStreamer
-
+        """The generation on a thread of its own, its tokens turned into text as they come by the rule every
+        streaming engine follows (`SequenceText`); a consumer that stops early, or a stop string, ends the
+        generation at the next step."""
         kwargs, _ = self.generate_kwargs(sampling)
         inputs = left_pad(self.prompt_rows([prompt]))
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        tokens: queue.Queue[int | None] = queue.Queue()
         cancel = threading.Event()
-        kwargs["streamer"] = streamer
+        kwargs["streamer"] = TokenQueue(tokens)
         kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
                                                             CancelCriterion(cancel)])
         failure: list[BaseException] = []
@@ -282,37 +282,48 @@ class Generator(LocalEngine):
                     self.model.generate(**inputs, **kwargs)
             except BaseException as e:  # re-raised in the caller's thread below
                 failure.append(e)
-                streamer.end()
+            finally:
+                tokens.put(None)
 
         def pieces() -> Iterator[str]:
             worker = threading.Thread(target=run, daemon=True)
             worker.start()
-            stop = StopFilter(sampling.stop)
-            ended, held = False, ""  # held: U+FFFD at the end so far, text only if more follows
+            text, eos, ended = SequenceText(self.tokenizer, sampling.stop), set(self.eos_ids()), False
             try:
-                for piece in streamer:
-                    text = held + stop.feed(piece)
-                    complete = without_cut_character(text)
-                    held = text[len(complete):]
-                    if complete:
-                        yield complete
-                    if stop.done:
-                        break
-                else:
-                    ended = True
-                rest = without_cut_character(held + stop.flush())
+                while (token := tokens.get()) is not None and token not in eos and not text.stopped:
+                    piece = text.add(token)
+                    if piece:
+                        yield piece
+                ended = token is None
+                rest = text.finish()
                 if rest:
                     yield rest
             finally:
                 cancel.set()
-                if not ended:  # read to its end, which the generation thread marks once it stopped
-                    for _ in streamer:
-                        pass
+                while not ended and tokens.get() is not None:  # the generation thread marks its end
+                    pass
                 worker.join()
             if failure:
                 raise failure[0]
 
         return pieces()
+
+
+class TokenQueue:
+    """transformers' streamer for one sequence: each generated token id put on `tokens` (the prompt skipped)."""
+
+    def __init__(self, tokens: queue.Queue):
+        self.tokens = tokens
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            for token in value.reshape(-1).tolist():
+                self.tokens.put(token)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass  # the generation thread marks the end itself, failed or not
 
 
 class FirstStepClock(LogitsProcessor):

@@ -91,6 +91,19 @@ def prepare_engine(
                          local_files_only=local_files_only)
 
 
+def sampling_params(sampling: Sampling, **fields: Any) -> Any:
+    """vLLM's SamplingParams meaning what `sampling` means on every engine; the engine's own options (`extra`) and
+    `fields` (n, output_kind, ...) beside them. InputError for a field vLLM does not know."""
+    from vllm import SamplingParams
+
+    try:
+        return SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                              top_p=sampling.top_p, stop=list(sampling.stop) or None, seed=sampling.seed,
+                              **sampling.extra, **fields)
+    except TypeError as e:
+        raise InputError(f"not a vLLM sampling setting: {e}") from None
+
+
 class VLLMGenerator(LocalEngine):
     """A vLLM engine reading prompts in which compressed contexts stand where text would.
 
@@ -192,16 +205,9 @@ class VLLMGenerator(LocalEngine):
 
     def params(self, sampling: Sampling) -> Any:
         """vLLM's SamplingParams for `sampling` (the one given as sampling_params, if any)."""
-        from vllm import SamplingParams
-
         if "sampling_params" in sampling.extra:
             return sampling.extra["sampling_params"]
-        try:
-            return SamplingParams(max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                                  top_p=sampling.top_p, stop=list(sampling.stop), seed=sampling.seed,
-                                  n=sampling.n // self._copies(sampling), **sampling.extra)
-        except TypeError as e:
-            raise InputError(f"not a vLLM sampling setting: {e}") from None
+        return sampling_params(sampling, n=sampling.n // self._copies(sampling))
 
     @staticmethod
     def _copies(sampling: Sampling) -> int:
