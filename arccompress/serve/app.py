@@ -29,11 +29,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from ..engine import Sampling
+from ..engines.base import Sampling
 from ..errors import ArcCompressError, ContextNotFoundError, EngineError, InputError
 from ..prompts import first_answer
 from ..version import __version__
-from .backends import Delta
+from ..engines.text import Delta
 from .config import ServiceConfig
 from .documents import RequestError
 from .protocol import AnswerRequest, ChatCompletionRequest, CompletionRequest, SamplingFields, Usage, error_body

@@ -38,3 +38,8 @@ class Metrics:
                               "generated token", buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("arccompress_request_latency_seconds", "from arrival to the last byte",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+
+    def prefix_cache(self, hits: int, queried: int) -> None:
+        """A request's prompt positions read from the engine's prefix cache, of those looked up."""
+        self.prefix_cached_tokens.inc(hits)
+        self.prefix_prompt_tokens.inc(queried)

@@ -23,8 +23,11 @@ from ..errors import InputError, NotFoundError
 from ..prompts import ANSWER_END, TokenIds, fewshot_qa_prompt
 from ..tokenization import check_text
 from ..store import ContextStore
-from ..engine import Sampling
-from .backends import Backend, Delta, TransformersBackend, VLLMBackend
+from ..engines.base import Sampling
+from ..engines.base import AsyncEngine, Observer
+from ..engines.text import Delta
+from ..engines.transformers_async import AsyncGenerator
+from ..engines.vllm_async import AsyncVLLMGenerator
 from .config import ServiceConfig
 from .documents import DocumentResolver, RequestError, TextDocument
 from .metrics import Metrics
@@ -60,7 +63,7 @@ class Service:
         self.metrics = Metrics()
         self.compressor: Compressor | None = None
         self.store: ContextStore | None = None
-        self.backend: Backend | None = None
+        self.backend: AsyncEngine | None = None
         self.resolver: DocumentResolver | None = None
         self.ready = False
 
@@ -82,12 +85,13 @@ class Service:
         self.compressor = await asyncio.to_thread(Compressor.from_pretrained, c.encoder, **c.encoder_options)
         if c.store is not None:
             self.store = await asyncio.to_thread(ContextStore, c.store, compressor=self.compressor)
+        observer = Observer(tokens=self.metrics.generated_tokens.inc, prefix_cache=self.metrics.prefix_cache)
         if c.backend == "vllm":
-            self.backend = await asyncio.to_thread(VLLMBackend.load, c.decoder, self.compressor,
-                                                   options=c.engine_options, metrics=self.metrics, verbose=c.verbose)
+            self.backend = await asyncio.to_thread(AsyncVLLMGenerator.load, c.decoder, self.compressor,
+                                                   options=c.engine_options, verbose=c.verbose, observer=observer)
         else:
-            self.backend = await asyncio.to_thread(TransformersBackend.load, c.decoder, self.compressor,
-                                                   options=c.engine_options, max_batch=c.max_batch)
+            self.backend = await asyncio.to_thread(AsyncGenerator.load, c.decoder, self.compressor,
+                                                   options=c.engine_options, max_batch=c.max_batch, observer=observer)
         self.resolver = DocumentResolver(self.compressor, self.store, limits=self.limits, metrics=self.metrics,
                                          window=c.batch_window, batch_tokens=c.batch_tokens, cache_size=c.cache_size)
         self.metrics.queue_depth.labels("documents").set_function(lambda: self.resolver.waiting)
@@ -262,7 +266,6 @@ class Service:
                 self.metrics.positions_saved.inc(p.positions_saved)
         if len(prepared) == 1:
             async for deltas in self.backend.generate(prepared[0].embeds, sampling, request_id):
-                self.metrics.generated_tokens.inc(sum(len(d.token_ids) for d in deltas))
                 yield 0, deltas
             return
         merged: asyncio.Queue = asyncio.Queue()
