@@ -260,27 +260,61 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 class StopFilter:
     """OpenAI's stop rule on streamed text: pieces pass through, held back only while they could begin a stop
-    string; nothing from the first stop string on (`done` then says so)."""
+    string; nothing from the first stop string on (`done` then says so).
+
+    Each stop string is followed by a Knuth-Morris-Pratt matcher whose state is the longest prefix of the stop that
+    ends the text so far: a piece costs its own length per stop (amortised), whatever the stops' lengths, and what
+    is held back is the longest such prefix. Building the matchers costs the stops' total length, once.
+    """
 
     def __init__(self, stop: Sequence[str]):
         self.stop = tuple(stop)
+        self.fallback = [prefix_function(s) for s in self.stop]
+        self.matched = [0] * len(self.stop)  # per stop: the length of its longest prefix that ends the text
         self.pending = ""
         self.done = False
 
     def feed(self, piece: str) -> str:
         if self.done:
             return ""
-        text, hit = cut_at_stop(self.pending + piece, self.stop)
-        if hit:
+        text = self.pending + piece
+        offset = len(self.pending)
+        cut = None  # where the earliest stop completed in this piece begins
+        for k, (s, fallback) in enumerate(zip(self.stop, self.fallback)):
+            state = self.matched[k]
+            for i, ch in enumerate(piece):
+                while state and s[state] != ch:
+                    state = fallback[state - 1]
+                if s[state] == ch:
+                    state += 1
+                if state == len(s):
+                    start = offset + i + 1 - len(s)
+                    cut = start if cut is None else min(cut, start)
+                    break
+            self.matched[k] = state
+        if cut is not None:
             self.done, self.pending = True, ""
-            return text
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            return text[:cut]
+        hold = max(self.matched, default=0)
         self.pending = text[len(text) - hold:] if hold else ""
         return text[: len(text) - hold]
 
     def flush(self) -> str:
         rest, self.pending = ("" if self.done else self.pending), ""
         return rest
+
+
+def prefix_function(s: str) -> list[int]:
+    """KMP's table: for each prefix s[:i + 1], the length of its longest proper prefix that is also its suffix."""
+    table = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = table[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        table[i] = k
+    return table
 
 
 def check_prompt_lengths(rows: Sequence[torch.Tensor], max_new_tokens: int, max_model_len: int | None, what: str) -> None:
