@@ -7,7 +7,8 @@
   stored or cached document is the same bytes every time, so shared prefixes hit the cache).
 
 Both take one prompt's decoder input rows, (T, H), and yield `Delta`s: new text and token ids per sequence, and the
-reason a sequence finished.
+reason a sequence finished. A request whose consumer stops (its client left, its time ran out) is cancelled on the
+engine within a step; both count the tokens they generate as they make them (`arccompress_generated_tokens`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Backend(ABC):
     name: str
     prompts: PromptBuilder  # the decoder's tokenizer and input embeddings, and the compressor
     max_model_len: int
+    penalties: bool  # whether it applies OpenAI's presence and frequency penalties (`Sampling.extra`)
 
     @abstractmethod
     def generate(self, embeds: torch.Tensor, sampling: Sampling, request_id: str) -> AsyncIterator[list[Delta]]:
@@ -144,10 +146,10 @@ class _Row:
 
 
 class _RowStreamer:
-    """transformers' streamer for a batch: every step's tokens (B,) routed to their rows' requests."""
+    """transformers' streamer for a batch: every step's tokens (B,) routed to their rows' requests, counted."""
 
-    def __init__(self, rows: list[_Row], eos: set[int]):
-        self.rows, self.eos = rows, eos
+    def __init__(self, rows: list[_Row], eos: set[int], metrics: Metrics):
+        self.rows, self.eos, self.metrics = rows, eos, metrics
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -173,6 +175,7 @@ class _RowStreamer:
                     row.finish = delta.finish_reason = "length"
                     delta.text += row.text.finish()
             out.setdefault(id(row.request), []).append(delta)
+        self.metrics.generated_tokens.inc(sum(len(d.token_ids) for deltas in out.values() for d in deltas))
         for row in self.rows:
             if id(row.request) in out:
                 row.request.send(out.pop(id(row.request)))
@@ -195,9 +198,11 @@ class TransformersBackend(Backend):
     """A transformers decoder (a `Generator`'s model) serving batches of waiting requests from one worker thread."""
 
     name = "transformers"
+    penalties = False
 
-    def __init__(self, generator: Generator, *, max_batch: int):
+    def __init__(self, generator: Generator, *, metrics: Metrics, max_batch: int):
         self.generator = generator
+        self.metrics = metrics
         self.prompts = generator.prompts
         self.model = generator.model
         self.tokenizer = generator.tokenizer
@@ -211,9 +216,10 @@ class TransformersBackend(Backend):
         self._thread.start()
 
     @classmethod
-    def load(cls, decoder: str, compressor: Compressor, *, options: dict[str, Any], max_batch: int
+    def load(cls, decoder: str, compressor: Compressor, *, options: dict[str, Any], metrics: Metrics, max_batch: int
              ) -> TransformersBackend:
-        return cls(Generator.from_pretrained(decoder, compressor=compressor, **options), max_batch=max_batch)
+        return cls(Generator.from_pretrained(decoder, compressor=compressor, **options), metrics=metrics,
+                   max_batch=max_batch)
 
     @property
     def waiting(self) -> int:
@@ -292,7 +298,7 @@ class TransformersBackend(Backend):
         kwargs, _ = self.generator.generate_kwargs(replace(
             first, n=1, stop=(), max_new_tokens=max(r.sampling.max_new_tokens for r in batch)))
         with torch.inference_mode(), seeded(first.seed, self.generator.device):
-            self.model.generate(**inputs, **kwargs, streamer=_RowStreamer(rows, self.eos),
+            self.model.generate(**inputs, **kwargs, streamer=_RowStreamer(rows, self.eos, self.metrics),
                                 stopping_criteria=StoppingCriteriaList([_RowsDone(rows)]))
         for request in batch:  # rows the generation ended without a reason of their own
             ended = [Delta(r.index, r.text.finish(), [], "length") for r in rows if r.request is request and
@@ -311,6 +317,7 @@ class VLLMBackend(Backend):
     """vLLM's async engine (`AsyncLLM`) in this process, reading prompt embeddings, prefix caching on."""
 
     name = "vllm"
+    penalties = True
 
     def __init__(self, engine: Any, prompts: PromptBuilder, metrics: Metrics, decoder_config: dict[str, Any]):
         self.engine = engine
@@ -367,8 +374,8 @@ class VLLMBackend(Backend):
 
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None, seed=sampling.seed,
-                                output_kind=RequestOutputKind.DELTA)
-        rows = embeds.detach().to("cpu", self.dtype).contiguous()
+                                output_kind=RequestOutputKind.DELTA, **sampling.extra)
+        rows = await asyncio.to_thread(lambda: embeds.detach().to("cpu", self.dtype).contiguous())  # a copy off the loop
         # the text comes from the token ids by the same rule as the transformers backend and Generator (vLLM's own
         # detokenizer holds back a trailing partial character that transformers' decode keeps)
         texts = [SequenceText(self.prompts.text.tokenizer, sampling.stop) for _ in range(sampling.n)]
@@ -381,6 +388,7 @@ class VLLMBackend(Backend):
                 seq, ids = texts[c.index], [t for t in c.token_ids if t not in self.eos]
                 text = "".join(seq.add(t) for t in ids) + (seq.finish() if c.finish_reason is not None else "")
                 deltas.append(Delta(c.index, text, ids, c.finish_reason))
+            self.metrics.generated_tokens.inc(sum(len(d.token_ids) for d in deltas))
             yield deltas
 
     async def close(self) -> None:

@@ -1,4 +1,5 @@
-"""Work from concurrent requests, gathered into one call: a micro-batcher, and an LRU of finished results.
+"""Work from concurrent requests, gathered into one call: a micro-batcher, and an LRU of finished results within
+a budget of bytes.
 
 Requests arrive one by one; the device is best used by one call over many of their items. The batcher waits for
 a first item, keeps gathering for a short window (or until a cost budget, e.g. tokens, is reached), runs one
@@ -112,25 +113,40 @@ class MicroBatcher(Generic[Item, Result]):
 
 
 class LRUCache(Generic[Result]):
-    """The `size` most recently used results by key (an OrderedDict: moved to the end when used)."""
+    """The most recently used results by key within `max_bytes`, each weighed by `weigh(result)` (an OrderedDict:
+    moved to the end when used, the least recently used dropped first; a result over the whole budget is not
+    kept)."""
 
-    def __init__(self, size: int):
-        self.size = size
-        self._data: OrderedDict[Hashable, Any] = OrderedDict()
+    def __init__(self, max_bytes: int, weigh: Callable[[Result], int]):
+        self.max_bytes = max_bytes
+        self.weigh = weigh
+        self.bytes = 0
+        self._data: OrderedDict[Hashable, tuple[Result, int]] = OrderedDict()
 
     def get(self, key: Hashable) -> Result | None:
-        value = self._data.get(key)
-        if value is not None:
-            self._data.move_to_end(key)
-        return value
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        self._data.move_to_end(key)
+        return entry[0]
+
+    def peek(self, key: Hashable) -> Result | None:
+        """The result without marking it used: one dict lookup, safe from another thread."""
+        entry = self._data.get(key)
+        return None if entry is None else entry[0]
 
     def put(self, key: Hashable, value: Result) -> None:
-        if self.size <= 0:
+        size = self.weigh(value)
+        if size > self.max_bytes:
             return
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
+        old = self._data.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
+        self._data[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._data.popitem(last=False)
+            self.bytes -= dropped
 
     def __len__(self) -> int:
         return len(self._data)
