@@ -9,6 +9,7 @@ is read until it stops, and the tokens are counted.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -120,16 +121,24 @@ def check_long_prompts(url: str, model: str, pid: int | None, context: int) -> N
 
 def check_big_and_many_documents(url: str, model: str) -> None:
     """Item 3: a 6 MB document and 200,000 tiny ones are refused without freezing `/health`."""
-    with HealthWatch(url) as watch:
-        r = post(url, "/v1/completions", {"model": model, "prompt": [{"type": "document", "text": "a" * 6_000_000}]})
-        refused(r, 400, "characters", "prompt[0]")
-        r = post(url, "/v1/completions", {"model": model, "prompt": [{"type": "document", "text": "a"}] * 200_000})
-        refused(r, 413, "JSON values")
-        r = post(url, "/v1/answer", {"question": "Q?", "documents": ["a"] * 200_000})
-        refused(r, 413, "JSON values")
+    big = encoded({"model": model, "prompt": [{"type": "document", "text": "a" * 6_000_000}]})
+    many = encoded({"model": model, "prompt": [{"type": "document", "text": "a"}] * 200_000})
+    many_strings = encoded({"question": "Q?", "documents": ["a"] * 200_000})
+    with HealthWatch(url) as watch:  # the bodies encoded before: this process's json.dumps would stall the watch
+        refused(post_raw(url, "/v1/completions", big), 400, "characters", "prompt[0]")
+        refused(post_raw(url, "/v1/completions", many), 413, "JSON values")
+        refused(post_raw(url, "/v1/answer", many_strings), 413, "JSON values")
         r = post(url, "/v1/answer", {"question": "Q?", "documents": ["a"] * 65})
         refused(r, 400, "65 documents", "documents")
     watch.check()
+
+
+def encoded(body: dict) -> bytes:
+    return json.dumps(body).encode()
+
+
+def post_raw(url: str, path: str, content: bytes) -> httpx.Response:
+    return httpx.post(f"{url}{path}", content=content, headers={"Content-Type": "application/json"}, timeout=120)
 
 
 def check_client_leaves(url: str, model: str, *, stream: bool) -> None:

@@ -12,6 +12,7 @@ the event loop. The HTTP layer (`app.py`) only translates.
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -70,7 +71,9 @@ class Service:
         return self.backend.describe() | {"store": store}
 
     async def start(self) -> None:
-        """Load the encoder, the store and the backend (minutes for real models: threads keep the loop free)."""
+        """Load the encoder, the store and the backend (minutes for real models: threads keep the loop free), then
+        freeze the garbage collector's view of the process (`gc.freeze()`: what is alive then, the models above all,
+        is never scanned again; a process that embeds the service gets this too)."""
         c = self.config
         if c.store is not None and not ContextStore.exists(c.store):
             raise NotFoundError(f"no context store at {c.store} (make one with `arccompress compress`)")
@@ -89,6 +92,10 @@ class Service:
                                          cache_bytes=self.cache_bytes())
         self.metrics.queue_depth.labels("documents").set_function(lambda: self.resolver.waiting)
         self.metrics.queue_depth.labels("generation").set_function(lambda: self.backend.waiting)
+        # the millions of objects of the models and libraries loaded so far live as long as the service: out of the
+        # garbage collector's sight, a full collection (which any request's allocations can trigger) scans only
+        # what requests made since, instead of holding the interpreter for hundreds of milliseconds
+        gc.freeze()
         self.ready = True
 
     def cache_bytes(self) -> int:
