@@ -1,8 +1,9 @@
 """The service's own OpenAPI schema turned into requests (Schemathesis, on Hypothesis) against a live server.
 
-Every operation gets schema-valid requests, and those with a body invalid ones too, from a fixed seed (`derandomize`): no answer may be a
-5xx, every answer must be one the schema documents (status, content type, body), and the server must keep serving.
-Both backends' tests call `fuzz` (tests/test_serve_fuzz.py, tests/test_serve_vllm.py).
+Every operation gets schema-valid requests, and those with a body invalid ones too, from a fixed seed
+(`derandomize`): no answer may be a 5xx, every answer must be one the schema documents (status, content type, body,
+each event of a stream), and the server must keep serving. Both backends' tests call `fuzz` (tests/test_serve_fuzz.py,
+tests/test_serve_vllm.py).
 """
 
 from __future__ import annotations

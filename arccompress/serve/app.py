@@ -25,7 +25,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
@@ -151,11 +150,6 @@ def build_app(config: ServiceConfig | None = None, *, service: Service | None = 
     app.add_middleware(BodyLimit, max_bytes=service.limits.max_body_bytes)
     app.add_middleware(RequestMetrics, service=service)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        param, message = validation_message(exc.errors())
-        return error_response(400, message, param=param)
-
     @app.exception_handler(Invalid)
     async def invalid_body(request: Request, exc: Invalid) -> JSONResponse:
         param, message = validation_message(exc.errors)
@@ -167,14 +161,12 @@ def build_app(config: ServiceConfig | None = None, *, service: Service | None = 
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        """Starlette's own refusals (an unknown path, a method, a body it cannot parse) in OpenAI's schema."""
+        """Starlette's own refusals (an unknown path, a method) in OpenAI's schema."""
         if exc.status_code == 404:
             message = f"no such endpoint: {request.method} {quote(request.url.path)}"
         elif exc.status_code == 405:
             allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "?")
             message = f"{quote(request.url.path)} does not take {request.method} (allowed: {allowed})"
-        elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-            message = "the body is not valid JSON (not UTF-8, nested too deep, or a number too long)"
         else:
             message = str(exc.detail)
         return error_response(exc.status_code, message, headers=exc.headers)

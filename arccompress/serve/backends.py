@@ -375,7 +375,8 @@ class VLLMBackend(Backend):
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None, seed=sampling.seed,
                                 output_kind=RequestOutputKind.DELTA, **sampling.extra)
-        rows = await asyncio.to_thread(lambda: embeds.detach().to("cpu", self.dtype).contiguous())  # a copy off the loop
+        # a copy (from a GPU, or into the engine's dtype), off the event loop
+        rows = await asyncio.to_thread(lambda: embeds.detach().to("cpu", self.dtype).contiguous())
         # the text comes from the token ids by the same rule as the transformers backend and Generator (vLLM's own
         # detokenizer holds back a trailing partial character that transformers' decode keeps)
         texts = [SequenceText(self.prompts.text.tokenizer, sampling.stop) for _ in range(sampling.n)]

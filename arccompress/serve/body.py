@@ -19,7 +19,6 @@ import ijson
 from pydantic import BaseModel, ValidationError
 
 from ..errors import InputError
-from .protocol import quote
 
 Model = TypeVar("Model", bound=BaseModel)
 SLICE = 1 << 16  # bytes the parser takes in one call
