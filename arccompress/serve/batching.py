@@ -3,8 +3,8 @@ a budget of bytes.
 
 Requests arrive one by one; the device is best used by one call over many of their items. The batcher waits for
 a first item, keeps gathering for a short window (or until a cost budget, e.g. tokens, is reached), runs one
-call over the batch in a worker thread, and hands each request its own result. One batch runs at a time per
-batcher, so the call never races itself.
+call over the batch in a thread of its own, and hands each request its own result. One batch runs at a time per
+batcher, so the call never races itself, and never waits behind other work in the event loop's shared threads.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -46,6 +47,7 @@ class MicroBatcher(Generic[Item, Result]):
         self._queue: asyncio.Queue[_Waiting[Item]] | None = None
         self._task: asyncio.Task | None = None
         self._carry: _Waiting[Item] | None = None  # an item that did not fit the last batch: first in the next
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="arccompress-batch")  # the batches' own thread
 
     @property
     def waiting(self) -> int:
@@ -69,6 +71,7 @@ class MicroBatcher(Generic[Item, Result]):
             except asyncio.CancelledError:
                 pass
             self._task = None
+        self._thread.shutdown(wait=False)
 
     async def _gather(self) -> list[_Waiting[Item]]:
         assert self._queue is not None
@@ -98,7 +101,8 @@ class MicroBatcher(Generic[Item, Result]):
             if self.on_batch is not None:
                 self.on_batch(len(live))
             try:
-                results = await asyncio.to_thread(self.run, [w.item for w in live])
+                results = await asyncio.get_running_loop().run_in_executor(self._thread, self.run,
+                                                                           [w.item for w in live])
             except Exception as e:  # every request of the batch hears of it
                 for w in live:
                     if not w.future.done():
