@@ -44,11 +44,28 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     g.add_argument("--batch-window-ms", type=positive_float, default=5.0,
                    help="how long concurrent requests' texts gather into one encoder call (default 5 ms)")
     g.add_argument("--batch-tokens", type=positive_int, default=16384, help="encoder tokens per compression batch")
-    g.add_argument("--cache-size", type=int, default=1024, help="compressed texts kept for reuse (LRU; 0: none)")
+    g.add_argument("--cache-mib", type=mebibytes,
+                   help="MiB of compressed texts kept for reuse (LRU; 0: none; default: 131,072 context rows of the "
+                        "decoder's width, 1 GiB for a 4096-wide decoder in bfloat16)")
     g.add_argument("--max-batch", type=positive_int, default=32, help="transformers: sequences per generate")
-    g.add_argument("--max-documents", type=positive_int, default=64, help="documents per request")
-    g.add_argument("--max-document-tokens", type=positive_int, default=16384, help="tokens per document given as text")
+    g.add_argument("--max-queued-requests", type=positive_int, default=512,
+                   help="requests held at once (compressing, waiting or generating); past it 503 + Retry-After")
+    g.add_argument("--request-timeout", type=positive_float,
+                   help="seconds a request may run once its body arrived; past it, it is stopped (default: none)")
+    g = p.add_argument_group("limits per request (each refused with a 4xx naming the field, before the work it bounds)")
     g.add_argument("--max-body-bytes", type=positive_int, default=16 << 20, help="request body size")
+    g.add_argument("--max-json-values", type=positive_int, default=16384,
+                   help="JSON values (objects, arrays, strings, numbers) in a body, counted as it is parsed")
+    g.add_argument("--max-documents", type=positive_int, default=64, help="documents per request")
+    g.add_argument("--max-document-chars", type=positive_int,
+                   help="characters per document given as text, checked before tokenizing (default: 16 per token of "
+                        "--max-document-tokens)")
+    g.add_argument("--max-document-tokens", type=positive_int, default=16384, help="tokens per document given as text")
+    g.add_argument("--max-prompt-chars", type=positive_int,
+                   help="characters of a prompt's own text, checked before tokenizing (default: 16 per position of the "
+                        "decoder's context)")
+    g.add_argument("--max-stop", type=positive_int, default=8, help="stop strings per request")
+    g.add_argument("--max-stop-chars", type=positive_int, default=1024, help="characters per stop string")
     g = p.add_argument_group("Ray Serve")
     g.add_argument("--ray", action="store_true", help="run as a Ray Serve application (one engine per replica)")
     g.add_argument("--replicas", type=positive_int, default=1, help="--ray: replicas")
@@ -56,6 +73,17 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                                                                    "cluster has GPUs)")
     g.add_argument("--address", help="--ray: the cluster to join (default: a new local one)")
     p.set_defaults(run=run)
+
+
+def mebibytes(text: str) -> float:
+    """A size in MiB, 0 allowed (for --cache-mib: no cache)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of MiB >= 0, not {text}")
+    return value
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,10 +115,13 @@ def config_from(args: argparse.Namespace) -> ServiceConfig:
         served_name=args.served_model_name, api_key=api_key,
         encoder_options={k: v for k, v in compressor_kwargs(args).items() if v is not None},
         engine_options=engine_options(args),
-        limits=Limits(max_documents=args.max_documents, max_document_tokens=args.max_document_tokens,
-                      max_body_bytes=args.max_body_bytes),
-        batch_window=args.batch_window_ms / 1000, batch_tokens=args.batch_tokens, cache_size=args.cache_size,
-        max_batch=args.max_batch, verbose=args.verbose)
+        limits=Limits(max_body_bytes=args.max_body_bytes, max_json_values=args.max_json_values,
+                      max_documents=args.max_documents, max_document_chars=args.max_document_chars,
+                      max_document_tokens=args.max_document_tokens, max_prompt_chars=args.max_prompt_chars,
+                      max_stop=args.max_stop, max_stop_chars=args.max_stop_chars),
+        batch_window=args.batch_window_ms / 1000, batch_tokens=args.batch_tokens, cache_mib=args.cache_mib,
+        max_batch=args.max_batch, max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
+        verbose=args.verbose)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,9 +7,10 @@
     GET  /health                200 once the models are loaded
     GET  /metrics               Prometheus
 
-`stream: true` answers with server-sent events as OpenAI's do; errors use OpenAI's error schema and name the
-field; with an API key set, /v1/ needs `Authorization: Bearer <key>`. `build_app(config)` loads the models when
-the app starts (its lifespan): mounted in another app, enter `app.router.lifespan_context(app)` from yours.
+`stream: true` answers with server-sent events as OpenAI's do; errors use OpenAI's error schema, name the field and
+quote input briefly; with an API key set, /v1/ needs `Authorization: Bearer <key>`. Bodies are read within the
+limits (`body`), requests admitted, cancelled and timed (`lifetime`). `build_app(config)` loads the models when the
+app starts (its lifespan): mounted in another app, enter `app.router.lifespan_context(app)` from yours.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
@@ -34,9 +34,14 @@ from ..errors import ArcCompressError, ContextNotFoundError, EngineError, InputE
 from ..prompts import first_answer
 from ..version import __version__
 from ..engines.text import Delta
+from .body import BodyError, Invalid, read
 from .config import ServiceConfig
 from .documents import RequestError
-from .protocol import AnswerRequest, ChatCompletionRequest, CompletionRequest, SamplingFields, Usage, error_body
+from .lifetime import RequestLifetime
+from .openapi import declare
+from .protocol import (QUOTE_CHARS, AnswerChunk, AnswerRequest, AnswerResponse, ChatCompletionChunk,
+                       ChatCompletionRequest, ChatCompletionResponse, CompletionChunk, CompletionRequest,
+                       CompletionResponse, ErrorResponse, Health, ModelList, SamplingFields, Usage, error_body, quote)
 from .service import Prepared, Service
 
 logger = logging.getLogger("arccompress.serve")
@@ -120,8 +125,10 @@ class RequestMetrics:
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/answer", "/v1/models", "/health", "/metrics")
 
 
-def build_app(config: ServiceConfig | None = None, *, service: Service | None = None) -> FastAPI:
-    """The service's ASGI app; its lifespan loads the models (`service.start()`) and stops them."""
+def build_app(config: ServiceConfig | None = None, *, service: Service | None = None,
+              scrape: Callable[[], Awaitable[bytes]] | None = None) -> FastAPI:
+    """The service's ASGI app; its lifespan loads the models (`service.start()`) and stops them. `scrape`: what
+    `/metrics` answers (default: this service's registry; a Ray Serve replica gives every replica's)."""
     if (config is None) == (service is None):
         raise InputError("give build_app a ServiceConfig or a Service")
     service = service or Service(config)  # type: ignore[arg-type]
@@ -137,24 +144,29 @@ def build_app(config: ServiceConfig | None = None, *, service: Service | None = 
 
     app = FastAPI(title="arccompress", version=__version__, lifespan=lifespan)
     app.state.service = service
+    # outermost last: metrics see every request; the body limit reads the body; then a request is admitted
+    app.add_middleware(RequestLifetime, max_requests=service.config.max_queued_requests,
+                       timeout=service.config.request_timeout, metrics=service.metrics)
     app.add_middleware(BodyLimit, max_bytes=service.limits.max_body_bytes)
     app.add_middleware(RequestMetrics, service=service)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        param, message = validation_message(exc.errors())
+    @app.exception_handler(Invalid)
+    async def invalid_body(request: Request, exc: Invalid) -> JSONResponse:
+        param, message = validation_message(exc.errors)
         return error_response(400, message, param=param)
+
+    @app.exception_handler(BodyError)
+    async def unreadable(request: Request, exc: BodyError) -> JSONResponse:
+        return error_response(exc.status, str(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        """Starlette's own refusals (an unknown path, a method, a body it cannot parse) in OpenAI's schema."""
+        """Starlette's own refusals (an unknown path, a method) in OpenAI's schema."""
         if exc.status_code == 404:
-            message = f"no such endpoint: {request.method} {request.url.path}"
+            message = f"no such endpoint: {request.method} {quote(request.url.path)}"
         elif exc.status_code == 405:
             allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "?")
-            message = f"{request.url.path} does not take {request.method} (allowed: {allowed})"
-        elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-            message = "the body is not valid JSON (not UTF-8, nested too deep, or a number too long)"
+            message = f"{quote(request.url.path)} does not take {request.method} (allowed: {allowed})"
         else:
             message = str(exc.detail)
         return error_response(exc.status_code, message, headers=exc.headers)
@@ -191,49 +203,63 @@ def build_app(config: ServiceConfig | None = None, *, service: Service | None = 
 
     def check_model(name: str | None) -> None:
         if name is not None and name != service.model_name:
-            raise RequestError(f"the model {name!r} does not exist; this service serves {service.model_name!r}",
-                               param="model", status=404)
+            raise RequestError(f"the model {quote(name)} does not exist; this service serves "
+                               f"{quote(service.model_name)}", param="model", status=404)
 
-    @app.get("/health")
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503, 504)}
+
+    def answers(model: type) -> dict:
+        """The OpenAPI responses of a generating endpoint: JSON, or server-sent events with `stream` (`declare`)."""
+        return errors | {200: {"model": model}}
+
+    @app.get("/health", responses={200: {"model": Health}, 503: {"model": ErrorResponse}})
     async def health() -> JSONResponse:
         if not service.ready:
             return error_response(503, "starting or stopping")
         return JSONResponse({"status": "ok", "model": service.model_name, "backend": service.config.backend})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def metrics() -> Response:
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = await scrape() if scrape is not None else generate_latest(service.metrics.registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models", dependencies=[Depends(authorize)], responses={200: {"model": ModelList}} | errors)
     async def models() -> dict:
         s = ready()
         return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": 0,
                                             "owned_by": "arccompress", "max_model_len": s.backend.max_model_len,
                                             "arccompress": s.describe()}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(request: CompletionRequest) -> Response:
-        s = ready()
+    async def body(request: Request, model: type[SamplingFields]) -> Any:
+        """The request's body as `model`, read within the limits off the event loop (not before the service is up)."""
+        ready()
+        return await read(model, await request.body(), service.limits.max_json_values)
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)], responses=answers(CompletionResponse))
+    async def completions(http: Request) -> Response:
+        request: CompletionRequest = await body(http, CompletionRequest)
         check_model(request.model)
-        prepared = await s.prepare_completion(request)
-        sampling = s.sampling(request, prepared, default_max_tokens=16, prompt_param="prompt")
+        prepared, sampling = await service.prepare_completion(request)
         return await respond("text_completion", "cmpl", request, prepared, sampling)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat(request: ChatCompletionRequest) -> Response:
-        s = ready()
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], responses=answers(ChatCompletionResponse))
+    async def chat(http: Request) -> Response:
+        request: ChatCompletionRequest = await body(http, ChatCompletionRequest)
         check_model(request.model)
-        prepared = await s.prepare_chat(request)
-        sampling = s.sampling(request, prepared, default_max_tokens=None, prompt_param="messages")
+        prepared, sampling = await service.prepare_chat(request)
         return await respond("chat.completion", "chatcmpl", request, prepared, sampling)
 
-    @app.post("/v1/answer", dependencies=[Depends(authorize)])
-    async def answer(request: AnswerRequest) -> Response:
-        s = ready()
+    @app.post("/v1/answer", dependencies=[Depends(authorize)], responses=answers(AnswerResponse))
+    async def answer(http: Request) -> Response:
+        request: AnswerRequest = await body(http, AnswerRequest)
         check_model(request.model)
-        prepared = await s.prepare_answer(request)
-        sampling = s.sampling(request, prepared, default_max_tokens=64, prompt_param="documents", answer=True)
+        prepared, sampling = await service.prepare_answer(request)
         return await respond("answer", "answer", request, prepared, sampling)
+
+    declare(app, bodies={"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                         "/v1/answer": AnswerRequest},
+            streams={"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk,
+                     "/v1/answer": AnswerChunk})
 
     async def respond(kind: str, prefix: str, request: SamplingFields, prepared: list[Prepared],
                       sampling: Sampling) -> Response:
@@ -319,7 +345,7 @@ def validation_message(errors: list[dict]) -> tuple[str | None, str]:
         # a part's tag ("text", "document") follows its list index or the union's label
         tag = x in ("text", "document") and (isinstance(previous, int) or str(previous).startswith("tagged-union["))
         if not label and not tag and x != "body":
-            loc.append(str(x))
+            loc.append(str(x) if len(str(x)) <= QUOTE_CHARS else quote(str(x)))  # a client's key, quoted briefly
         previous = x
     param = ".".join(loc) or None
     text = error["msg"].removeprefix("Value error, ")
