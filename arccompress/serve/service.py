@@ -287,7 +287,7 @@ class Service:
             raise RequestError(f"n = {fields.n}, over this service's limit of {self.limits.max_n}", param="n")
         for name in fields.penalties:
             if not self.backend.penalties:
-                raise RequestError(f"{name}: the {self.backend.name} backend applies no penalties; send 0 (none) "
+                raise RequestError(f"{name}: the {self.backend.backend} backend applies no penalties; send 0 (none) "
                                    "or serve with --backend vllm", param=name)
 
     def _check_positions(self, positions: list[int], fields: SamplingFields, default_max_tokens: int | None,
