@@ -23,30 +23,13 @@ from ..context import CompressedContext
 from ..encoder import group_counts
 from ..errors import ContextNotFoundError, InputError
 from ..store import ContextStore
-from ..tokenization import check_text
 from .batching import LRUCache, MicroBatcher
 from .config import Limits
 from .metrics import Metrics
 from .protocol import quote
+from .refusals import RequestError, check_text_or_refuse
 
 ENTRY_BYTES = 1024  # a cached context's own object, its key and the cache's entry, besides its rows and text
-
-
-class RequestError(InputError):
-    """A request the service refuses, with the HTTP status and the field to name in OpenAI's error schema."""
-
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.param = param
-        self.status = status
-
-
-def check_text_or_refuse(text: str, where: str) -> str:
-    """Text the tokenizers can take (no lone surrogates), else a 400 naming where it is."""
-    try:
-        return check_text(text, where)
-    except InputError as e:
-        raise RequestError(str(e), param=where) from None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""A request's life in the service, as an ASGI middleware: admitted or shed, cancelled when its client leaves,
-stopped when it runs out of time.
+"""A request's life in the service, as ASGI middlewares: counted and timed (`RequestMetrics`), its body read within
+the size limit (`BodyLimit`), admitted or shed, cancelled when its client leaves, stopped when it runs out of time
+(`RequestLifetime`).
 
 - Load shedding: at most `max_requests` API requests are held at once (compressing, waiting or generating); one
   more is refused at once with 503 and `Retry-After`, in OpenAI's error schema, rather than queued without bound.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -116,3 +118,68 @@ class RequestLifetime:
             events = f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
             await send({"type": "http.response.body", "body": events.encode(), "more_body": False})
 
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is refused with 413 before the app reads any of it (by its
+    Content-Length, or while it arrives when chunked)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_big = JSONResponse(error_body(f"the request body is larger than this service's limit of {self.max_bytes} "
+                                          "bytes", code=413), status_code=413)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_big(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_big(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class RequestMetrics:
+    """ASGI middleware: every request counted by endpoint and status, its latency measured to the last byte."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: tuple[str, ...]):
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+        endpoint = scope["path"] if scope["path"] in self.paths else "other"
+
+        async def observe(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observe)
+        finally:
+            m = self.metrics
+            m.requests.labels(endpoint, str(status)).inc()
+            if endpoint.startswith("/v1/"):
+                m.latency.labels(endpoint).observe(time.perf_counter() - start)

@@ -13,7 +13,8 @@ from typing import Union
 
 from ..prompts import TokenIds
 from .config import Limits
-from .documents import DocumentResolver, RequestError, TextDocument, check_text_or_refuse
+from .documents import DocumentResolver, TextDocument
+from .refusals import RequestError, check_text_or_refuse
 from .protocol import DocumentPart
 
 

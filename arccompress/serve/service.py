@@ -1,10 +1,10 @@
 """The service itself, in Python terms: requests become prompts of compressed documents, prompts become tokens.
 
-`Service` loads the encoder, the store and a backend once; for each request it checks the limits, each before the
+`Service` loads the encoder, the store and an engine once; for each request it checks the limits, each before the
 work it bounds (`Reading`), resolves the documents (compressed together with other requests' texts, cached, or read
 from the store), lays the prompt out exactly as `Generator` would (text runs tokenized on their own, BOS once,
 contexts in place; for chat, the decoder's chat template with the documents spliced where they stand), checks the
-length against the engine from token counts, builds the rows and streams the backend's output. What costs more
+length against the engine from token counts, builds the rows and streams the engine's output. What costs more
 than the request's size in fields (tokenizing, templates, compressing, building rows) runs in worker threads, off
 the event loop. The HTTP layer (`app.py`) only translates.
 """
@@ -30,7 +30,8 @@ from ..errors import InputError, NotFoundError
 from ..prompts import ANSWER_END, TokenIds, fewshot_qa_prompt
 from ..store import ContextStore
 from .config import DEFAULT_CACHE_POSITIONS, ServiceConfig
-from .documents import DocumentResolver, RequestError, TextDocument
+from .documents import DocumentResolver, TextDocument
+from .refusals import RequestError
 from .metrics import Metrics
 from .protocol import (AnswerRequest, ChatCompletionRequest, CompletionRequest, DocumentPart, SamplingFields, TextPart,
                        quote)
@@ -58,7 +59,7 @@ class Service:
         self.metrics = Metrics()
         self.compressor: Compressor | None = None
         self.store: ContextStore | None = None
-        self.backend: AsyncEngine | None = None
+        self.engine: AsyncEngine | None = None  # what generates: a decoder here, or upstream servers
         self.resolver: DocumentResolver | None = None
         self.ready = False
 
@@ -67,13 +68,13 @@ class Service:
         return self.config.model_name
 
     def describe(self) -> dict[str, Any]:
-        """What determines this service's outputs (its backend's identity and its store's), for clients' records."""
+        """What determines this service's outputs (its engine's identity and its store's), for clients' records."""
         store = None if self.store is None else {"store_id": self.store.manifest["store_id"],
                                                   "codec": self.store.manifest["codec"]}
-        return self.backend.describe() | {"store": store}
+        return self.engine.describe() | {"store": store}
 
     async def start(self) -> None:
-        """Load the encoder, the store and the backend (minutes for real models: threads keep the loop free), then
+        """Load the encoder, the store and the engine (minutes for real models: threads keep the loop free), then
         freeze the garbage collector's view of the process (`gc.freeze()`: what is alive then, the models above all,
         is never scanned again; a process that embeds the service gets this too)."""
         c = self.config
@@ -84,16 +85,16 @@ class Service:
             self.store = await asyncio.to_thread(ContextStore, c.store, compressor=self.compressor)
         observer = Observer(tokens=self.metrics.generated_tokens.inc, prefix_cache=self.metrics.prefix_cache)
         if c.backend == "vllm":
-            self.backend = await asyncio.to_thread(AsyncVLLMGenerator.load, c.decoder, self.compressor,
+            self.engine = await asyncio.to_thread(AsyncVLLMGenerator.load, c.decoder, self.compressor,
                                                    options=c.engine_options, verbose=c.verbose, observer=observer)
         else:
-            self.backend = await asyncio.to_thread(AsyncGenerator.load, c.decoder, self.compressor,
+            self.engine = await asyncio.to_thread(AsyncGenerator.load, c.decoder, self.compressor,
                                                    options=c.engine_options, max_batch=c.max_batch, observer=observer)
         self.resolver = DocumentResolver(self.compressor, self.store, limits=self.limits, metrics=self.metrics,
                                          window=c.batch_window, batch_tokens=c.batch_tokens,
                                          cache_bytes=self.cache_bytes())
         self.metrics.queue_depth.labels("documents").set_function(lambda: self.resolver.waiting)
-        self.metrics.queue_depth.labels("generation").set_function(lambda: self.backend.waiting)
+        self.metrics.queue_depth.labels("generation").set_function(lambda: self.engine.waiting)
         # the millions of objects of the models and libraries loaded so far live as long as the service: out of the
         # garbage collector's sight, a full collection (which any request's allocations can trigger) scans only
         # what requests made since, instead of holding the interpreter for hundreds of milliseconds
@@ -112,12 +113,13 @@ class Service:
         self.ready = False
         if self.resolver is not None:
             await self.resolver.close()
-        if self.backend is not None:
-            await self.backend.close()
+        if self.engine is not None:
+            await self.engine.close()
 
     # ------------------------------------------------------------------ requests -> prompts
 
-    async def prepare_completion(self, request: CompletionRequest) -> tuple[list[Prepared], Sampling]:
+    async def prepare_completion(self, request: CompletionRequest, default_max_tokens: int | None
+                                 ) -> tuple[list[Prepared], Sampling]:
         self.check_sampling(request)
         try:
             prompts = request.prompts()
@@ -142,11 +144,12 @@ class Service:
                 slots.append(group)
             return slots
 
-        return await self._prepare(read, request, "prompt", default_max_tokens=16)
+        return await self._prepare(read, request, "prompt", default_max_tokens=default_max_tokens)
 
-    async def prepare_chat(self, request: ChatCompletionRequest) -> tuple[list[Prepared], Sampling]:
+    async def prepare_chat(self, request: ChatCompletionRequest, default_max_tokens: int | None
+                           ) -> tuple[list[Prepared], Sampling]:
         self.check_sampling(request)
-        tokenizer = self.backend.prompts.text.tokenizer
+        tokenizer = self.engine.prompts.text.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise RequestError(f"the decoder {quote(self.model_name)} has no chat template: send the prompt to "
                                "/v1/completions (or the question and documents to /v1/answer)", param="messages")
@@ -192,9 +195,10 @@ class Service:
                 slots.insert(0, TokenIds([]))  # the template decides about BOS, even when it starts with a document
             return [slots]
 
-        return await self._prepare(read, request, "messages", default_max_tokens=None)
+        return await self._prepare(read, request, "messages", default_max_tokens=default_max_tokens)
 
-    async def prepare_answer(self, request: AnswerRequest) -> tuple[list[Prepared], Sampling]:
+    async def prepare_answer(self, request: AnswerRequest, default_max_tokens: int | None
+                             ) -> tuple[list[Prepared], Sampling]:
         self.check_sampling(request)
 
         def read(reading: Reading) -> list[list[Slot]]:
@@ -214,7 +218,8 @@ class Service:
             return [fewshot_qa_prompt(request.question, groups[0], [(ctx, e.question, e.answer) for ctx, e in
                                                                    zip(groups[1:], request.examples)])]
 
-        return await self._prepare(read, request, "documents", default_max_tokens=64, answer=True, assemble=parts)
+        return await self._prepare(read, request, "documents", default_max_tokens=default_max_tokens, answer=True,
+                                   assemble=parts)
 
     async def _prepare(self, read: Callable[[Reading], list[list[Slot]]], fields: SamplingFields, param: str, *,
                        default_max_tokens: int | None, answer: bool = False,
@@ -227,7 +232,7 @@ class Service:
         they are)."""
 
         def read_all() -> list[list[Slot]]:
-            reading = Reading(self.resolver, self.limits, self.backend.max_model_len, param)
+            reading = Reading(self.resolver, self.limits, self.engine.max_model_len, param)
             slots = read(reading)
             return Reading.resolve(slots, reading.finish())
 
@@ -254,7 +259,7 @@ class Service:
                  answer: bool) -> tuple[list[Prepared], Sampling]:
         """Decoder rows of prompts whose documents are contexts (the PromptBuilder every engine uses), built once
         their positions, counted from the layout's token ids and contexts, fit the context with max_tokens."""
-        builder = self.backend.prompts
+        builder = self.engine.prompts
         try:
             layouts = builder.layout(prompts)
         except InputError as e:
@@ -286,8 +291,8 @@ class Service:
         if fields.n > self.limits.max_n:
             raise RequestError(f"n = {fields.n}, over this service's limit of {self.limits.max_n}", param="n")
         for name in fields.penalties:
-            if not self.backend.penalties:
-                raise RequestError(f"{name}: the {self.backend.backend} backend applies no penalties; send 0 (none) "
+            if not self.engine.penalties:
+                raise RequestError(f"{name}: the {self.engine.backend} backend applies no penalties; send 0 (none) "
                                    "or serve with --backend vllm", param=name)
 
     def _check_positions(self, positions: list[int], fields: SamplingFields, default_max_tokens: int | None,
@@ -298,7 +303,7 @@ class Service:
                         "at least ")
 
     def _check_fit(self, longest: int, max_tokens: int, fields: SamplingFields, param: str, bound: str = "") -> None:
-        limit = self.backend.max_model_len
+        limit = self.engine.max_model_len
         if longest + max_tokens > limit:
             where = "max_tokens" if fields.new_tokens and longest < limit else param  # what to shorten
             raise RequestError(f"the prompt takes {bound}{longest:,} positions and max_tokens is {max_tokens:,}: "
@@ -311,7 +316,7 @@ class Service:
         `answer`: the paper's QA format, whose answer ends at the first blank line (a stop, so a stream ends there
         too)."""
         longest = max(positions)
-        max_tokens = fields.new_tokens or default_max_tokens or max(self.backend.max_model_len - longest, 1)
+        max_tokens = fields.new_tokens or default_max_tokens or max(self.engine.max_model_len - longest, 1)
         self._check_fit(longest, max_tokens, fields, prompt_param)
         return Sampling(max_new_tokens=max_tokens, temperature=fields.temperature, top_p=fields.top_p,
                         stop=(*fields.stops, *([ANSWER_END] if answer else [])), seed=fields.seed, n=fields.n,
@@ -319,7 +324,7 @@ class Service:
 
     async def stream(self, prepared: list[Prepared], sampling: Sampling, request_id: str
                      ) -> AsyncIterator[tuple[int, list[Delta]]]:
-        """(prompt index, deltas) of every prompt's sequences, interleaved as the backend produces them. Greedy
+        """(prompt index, deltas) of every prompt's sequences, interleaved as the engine produces them. Greedy
         n > 1 is one sequence computed once and handed out n times, as OpenAI's API and every engine here do."""
         if sampling.greedy and sampling.n > 1:
             copies = sampling.n
@@ -331,14 +336,14 @@ class Service:
             if p.positions_saved and p.positions_saved > 0:  # a document shorter than its compressed form saves none
                 self.metrics.positions_saved.inc(p.positions_saved)
         if len(prepared) == 1:
-            async for deltas in self.backend.generate(prepared[0].embeds, sampling, request_id):
+            async for deltas in self.engine.generate(prepared[0].embeds, sampling, request_id):
                 yield 0, deltas
             return
         merged: asyncio.Queue = asyncio.Queue()
 
         async def run(i: int, p: Prepared) -> None:
             try:
-                async for deltas in self.backend.generate(p.embeds, sampling, f"{request_id}-{i}"):
+                async for deltas in self.engine.generate(p.embeds, sampling, f"{request_id}-{i}"):
                     await merged.put((i, deltas))
             except BaseException as e:
                 await merged.put(e)
