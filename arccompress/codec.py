@@ -202,6 +202,9 @@ class Codec:
         codes = np.ascontiguousarray(codes)
         codes = torch.from_numpy(codes if codes.flags.writeable else codes.copy())
         n = codes.shape[0]
+        if self.quantizer in ("float32", "float16"):  # numpy's cast: one thread, as the pq lookup below
+            return torch.from_numpy(codes.numpy().view(f"<f{FLOAT_QUANTIZERS[self.quantizer].itemsize}")
+                                    .reshape(n, self.dim).astype(np.float32))
         if self.quantizer in FLOAT_QUANTIZERS:
             return codes.view(FLOAT_QUANTIZERS[self.quantizer]).reshape(n, self.dim).float()
         if self.quantizer == "int8":
@@ -210,7 +213,10 @@ class Codec:
             return values * scale
         assert self.codebook is not None
         m = self.num_subquantizers
-        return self.codebook[torch.arange(m), codes.long()].reshape(n, self.dim)  # (n, M, dsub) -> (n, dim)
+        # a table lookup in numpy: one thread (torch's indexing spreads a few hundred rows over its thread pool,
+        # 12 ms instead of 0.3 ms for a top-5 read on a busy 2-core machine)
+        book = self.codebook.numpy()
+        return torch.from_numpy(book[np.arange(m), codes.numpy()].reshape(n, self.dim))  # (n, M, dsub) -> (n, dim)
 
 
 def import_faiss():
