@@ -29,6 +29,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "llamaindex": ("llama_index.core",),
     "haystack": ("haystack",),
     "eval": ("matplotlib",),
+    "lancedb": ("lancedb",),
 }
 DISTRIBUTIONS = {"faiss": "faiss-cpu", "langchain_core": "langchain-core", "llama_index": "llama-index-core",
                  "haystack": "haystack-ai", "prometheus_client": "prometheus-client"}  # where a module's name is not pip's

@@ -71,7 +71,7 @@ def main() -> None:
     import ray
 
     from arccompress import Compressor, compress_corpus
-    from arccompress.runtime import synchronize
+    from arccompress.devices import synchronize
 
     spec = dict(PRESETS[args.preset]) | (SMALL if args.scale == "small" else {})
     gpus = torch.cuda.device_count() if args.preset == "gpu" else 0

@@ -1,41 +1,58 @@
-"""Context store: what each codec costs on disk and in fidelity, how fast reads and writes are, how writers scale.
+"""Context store: what each codec costs on disk and in fidelity, how fast reads and writes are, how writers scale,
+how commits cost as they pile up; store format 3 (arccompress 0.3: Parquet files, a lock) and format 4 (a Lance
+dataset) measured in the same run.
 
     python benchmarks/bench_store.py                 # every part at full scale (a 1,000,000-context store)
     python benchmarks/bench_store.py --scale small   # toy sizes, to check the code
 
-Part 1, per codec, on three encoders (the golden tiny Mistral and multi-head encoders with the real Llama 3
-tokenizer, and the cpu preset's random encoder, dim 512): bytes per text token on disk (next to the raw UTF-8
-bytes per token), the relative L2 error of the decoder inputs, and on a decoder of the right width (the golden
-tiny Mistral decoder; a random 2-layer decoder for the 512-wide encoder) the mean KL divergence of next-token
-distributions over 32 greedy steps (teacher-forced on the exact contexts' continuation), the share of those
-steps with the same argmax, and the share of prompts whose 32 free-running greedy tokens are identical.
+Format 3 runs the code of commit aacab70 (`git archive` of this repository into a temporary folder, in a
+subprocess with that folder first on the path); the same functions run on both formats (`--part` runs one in the
+current code). Without that commit in the checkout (a shallow clone), format 3 is reported as not run.
+
+Part 1, per codec (format 4), on three encoders (the golden tiny Mistral and multi-head encoders with the real
+Llama 3 tokenizer, and the cpu preset's random encoder, dim 512): bytes per text token on disk (next to the raw
+UTF-8 bytes per token), the relative L2 error of the decoder inputs, and on a decoder of the right width (the
+golden tiny Mistral decoder; a random 2-layer decoder for the 512-wide encoder) the mean KL divergence of
+next-token distributions over 32 greedy steps (teacher-forced on the exact contexts' continuation), the share of
+those steps with the same argmax, and the share of prompts whose 32 free-running greedy tokens are identical.
 Texts: paragraphs of the Python standard library's docstrings (English prose, offline, deterministic).
 
-Part 2, reads: a synthetic store of 1,000,000 contexts in the released models' shape (bottleneck 2048, pq at
-1 bit per dimension: 256 bytes per vector, 17 vectors per context as for 130-token passages): open time (the
-id index, every fragment's ids checked against its name), `get_many` of 5 random ids (a retriever's top-5,
-every row's checksum verified, the head applied), median and 95th percentile of 200 draws, and what the 5
-checksums cost. (Small scale: 20,000 contexts, 50 draws, a head of widths 256/128/256.)
+Part 2, reads, both formats: a synthetic store of 1,000,000 contexts in the released models' shape (bottleneck
+2048, pq at 1 bit per dimension: 256 bytes per vector, 17 vectors per context as for 130-token passages),
+written by `append` of 8192-context tables (checksums computed and verified): the write time; open (a new handle
+until its first `get_many` of 5 ids has returned: format 3 builds its id index there); `len()`; `get_many` of
+5 random ids (a retriever's top-5, every row's checksum verified, the head applied), median and 95th percentile
+of 200 draws; the store's own part (find, read, verify, decode: the same read without the head's math, timed on
+draws of its own); the 5 checksums and the head's second layer (a GPU does it in microseconds) apart. (Small
+scale: 20,000 contexts, 50 draws, a head of widths 256/128/256.)
 
 Part 3, writes at the released head sizes (C=3072, B=2048, H=4096; 130-token passages: 17 vectors + <Cont>),
-one thread, contexts in bfloat16 as a GPU makes them: CPU time per context of `encode` (what a GPU worker does
-per passage before a write task commits the rows) and of `add_many` + `flush` (one process: Parquet writing,
-fsync and the commit included), and how much of it is the batch's tensor work (one cat, one range check, one
+format 4, one thread, contexts in bfloat16 as a GPU makes them: CPU time per context of `encode` (what a GPU
+worker does per passage before a write task commits the rows) and of `add_many` + `flush` (one process: data
+files written and committed), and how much of it is the batch's tensor work (one cat, one range check, one
 cast and copy), which a GPU does on the device.
 
-Part 4, concurrent writers: 4 processes adding to one store at once (released sizes, bottleneck-float16,
-256-context fragments) against one process alone: contexts per second, and the ratio to one writer's rate
-times the cores the 4 could use.
+Part 4, concurrent writers, both formats: 4 processes adding to one store at once (released sizes,
+bottleneck-float16, commits of 256 contexts) against one process alone: contexts per second, and the ratio to
+one writer's rate times the cores the 4 could use.
+
+Part 5, one-context commits (a service adding documents as they come), released sizes, pq: format 4, 200,000
+commits (`add` with flush_every=1), each one's time; the mean of the first 1,000 against the last 1,000; then
+`compact`, and open and `get_many(5)` after it. Format 3 for comparison, 2,000 commits (its cost grows with
+every file: it lists and indexes them all). (Small scale: 2,000 and 200.)
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import multiprocessing
 import os
 import pydoc
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -214,68 +231,102 @@ def made_by(comp: Compressor) -> dict:
             "H": cfg.decoder_hidden_size}
 
 
-def read_benchmark(scale: str, work: Path) -> dict:
-    """A synthetic pq store of 1,000,000 contexts (released sizes); open time and top-5 get_many latency, with
-    the head's share (its second layer on 85 bottleneck vectors, a matmul a GPU does in microseconds) apart."""
-    n, draws_n = (20_000, 50) if scale == "small" else (1_000_000, 200)
-    vectors_per_context, per_file = 17, 8192
-    comp = released_compressor(scale)
-    path = work / "million"
-    store = ContextStore(path, compressor=comp, codec="pq", bits_per_dim=1.0)
+def synthetic_table(first: int, k: int, vectors_per_context: int, bpv: int, rng: np.random.Generator) -> pa.Table:
+    """Rows of `k` contexts `wiki-<first>`..., random pq codes, checksums computed."""
+    codes = rng.integers(0, 256, size=(k, vectors_per_context * bpv), dtype=np.uint8)
+    offsets = np.arange(k + 1, dtype=np.int32) * vectors_per_context * bpv
+    table = pa.table({
+        "id": [f"wiki-{i:07d}" for i in range(first, first + k)], "num_tokens": pa.array([130] * k, pa.int32()),
+        "num_embeddings": pa.array([vectors_per_context + 1] * k, pa.int32()),
+        "chunk_size": pa.array([None] * k, pa.int32()), "text_sha256": pa.array([None] * k, pa.string()),
+        "text_bytes": pa.array([650] * k, pa.int64()),
+        "codes": pa.Array.from_buffers(pa.binary(), k, [None, pa.py_buffer(offsets), pa.py_buffer(codes)])})
+    return with_checksums(table)
+
+
+def pq_store(path: Path, comp: Compressor, **kwargs) -> ContextStore:
+    """A created pq store at 1 bit/dim, its codebook trained on random vectors (the codes' values do not matter)."""
+    store = ContextStore(path, compressor=comp, codec="pq", bits_per_dim=1.0, **kwargs)
     store.codec.train(torch.randn(4096, comp.model.config.bridge_hidden_dim))
-    hidden = comp.model.config.decoder_hidden_size
     store.create()
-    bpv = store.codec.bytes_per_vector
-    rng = np.random.default_rng(0)
-    start = time.perf_counter()
-    for first in range(0, n, per_file):
-        k = min(per_file, n - first)
-        codes = rng.integers(0, 256, size=(k, vectors_per_context * bpv), dtype=np.uint8)
-        offsets = np.arange(k + 1, dtype=np.int32) * vectors_per_context * bpv
-        table = pa.table({
-            "id": [f"wiki-{i:07d}" for i in range(first, first + k)], "num_tokens": pa.array([130] * k, pa.int32()),
-            "num_embeddings": pa.array([vectors_per_context + 1] * k, pa.int32()),
-            "chunk_size": pa.array([None] * k, pa.int32()), "text_sha256": pa.array([None] * k, pa.string()),
-            "text_bytes": pa.array([650] * k, pa.int64()),
-            "codes": pa.Array.from_buffers(pa.binary(), k, [None, pa.py_buffer(offsets), pa.py_buffer(codes)])})
-        store.append(with_checksums(table))
-    write_s = time.perf_counter() - start
-    disk = sum(f.stat().st_size for f in (path / "data").glob("*.parquet"))
-    start = time.perf_counter()
-    reopened = ContextStore(path)
-    count = len(reopened)  # builds the id index, checking every fragment's ids against its name
-    open_s = time.perf_counter() - start
+    return store
+
+
+def get_many_times(store: ContextStore, comp: Compressor, keys: list[str], draws_n: int,
+                   vectors_per_context: int) -> dict:
+    """get_many of 5 random ids `draws_n` times: median and p95; the store's own part (the same without the head's
+    math, timed on its own draws); what the checksums and the head take."""
     draws = random.Random(0)
-    reopened.get_many([f"wiki-{draws.randrange(n):07d}" for _ in range(5)])  # warm-up
+    store.get_many(draws.sample(keys, 5))  # warm-up
     head = comp.model.head(0)
     head.cont_row()  # computed once per head
-    times, checks, heads = [], [], []
-    row = (f"wiki-{0:07d}", 130, vectors_per_context + 1, None, None, 650, bytes(vectors_per_context * bpv))
+    times, own, checks, heads = [], [], [], []
+    bpv = store.codec.bytes_per_vector
+    row = (keys[0], 130, vectors_per_context + 1, None, None, 650, bytes(vectors_per_context * bpv))
     for _ in range(draws_n):
-        keys = [f"wiki-{draws.randrange(n):07d}" for _ in range(5)]
+        chosen = draws.sample(keys, 5)
         t = time.perf_counter()
-        contexts = reopened.get_many(keys)
+        contexts = store.get_many(chosen)
         times.append(time.perf_counter() - t)
+        chosen = draws.sample(keys, 5)
         t = time.perf_counter()
-        for _ in keys:
+        store._state.read(chosen)  # the store's own part: find, read, verify, decode (both formats have it)
+        own.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in chosen:
             row_checksum(row)
         checks.append(time.perf_counter() - t)
         stored = torch.randn(5 * vectors_per_context, comp.model.config.bridge_hidden_dim)
         t = time.perf_counter()
         head.contexts(stored, [vectors_per_context] * 5, "bottleneck")
         heads.append(time.perf_counter() - t)
-    assert count == n and all(c.embeddings.shape == (vectors_per_context + 1, hidden) for c in contexts)
+    assert all(c.embeddings.shape == (vectors_per_context + 1, comp.model.config.decoder_hidden_size)
+               for c in contexts)
     times.sort()
-    shutil.rmtree(path)
     median = times[len(times) // 2]
-    return {"contexts": n, "vectors_per_context": vectors_per_context, "bytes_per_vector": bpv, "draws": draws_n,
-            "bottleneck": comp.model.config.bridge_hidden_dim, "decoder": hidden,
-            "fragments": -(-n // per_file), "disk_gb": disk / 1e9, "write_s": write_s, "open_s": open_s,
-            "get_many_5_median_ms": 1e3 * median, "get_many_5_p95_ms": 1e3 * times[int(0.95 * len(times))],
+    return {"draws": draws_n, "get_many_5_median_ms": 1e3 * median,
+            "get_many_5_p95_ms": 1e3 * times[int(0.95 * len(times))],
             "checksums_5_median_us": 1e6 * statistics.median(checks),
             "head_5_median_ms": 1e3 * statistics.median(heads),
-            "store_part_median_ms": 1e3 * (median - statistics.median(heads)),
-            "checksum_share": statistics.median(checks) / median}
+            "store_part_median_ms": 1e3 * statistics.median(own),
+            "store_part_p95_ms": 1e3 * sorted(own)[int(0.95 * len(own))]}
+
+
+def open_times(path: Path, keys: list[str]) -> dict:
+    """A new handle until its first get_many(5) returned; len() on a new handle."""
+    start = time.perf_counter()
+    ContextStore(path).get_many(random.Random(1).sample(keys, 5))
+    open_s = time.perf_counter() - start
+    start = time.perf_counter()
+    count = len(ContextStore(path))
+    return {"open_s": open_s, "len_s": time.perf_counter() - start, "len": count}
+
+
+def read_benchmark(scale: str, work: Path) -> dict:
+    """A synthetic pq store of 1,000,000 contexts (released sizes): write time, open time, len(), and top-5
+    get_many latency, with the head's share (a matmul a GPU does in microseconds) apart."""
+    n, draws_n = (20_000, 50) if scale == "small" else (1_000_000, 200)
+    vectors_per_context, per_table = 17, 8192
+    comp = released_compressor(scale)
+    path = work / "million"
+    store = pq_store(path, comp)
+    bpv = store.codec.bytes_per_vector
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for first in range(0, n, per_table):
+        store.append(synthetic_table(first, min(per_table, n - first), vectors_per_context, bpv, rng))
+    write_s = time.perf_counter() - start
+    keys = [f"wiki-{i:07d}" for i in range(n)]
+    opened = open_times(path, keys)
+    assert opened["len"] == n
+    reads = get_many_times(ContextStore(path), comp, keys, draws_n, vectors_per_context)
+    stats = ContextStore(path).stats()
+    shutil.rmtree(path)
+    return {"contexts": n, "vectors_per_context": vectors_per_context, "bytes_per_vector": bpv,
+            "bottleneck": comp.model.config.bridge_hidden_dim, "decoder": comp.model.config.decoder_hidden_size,
+            "fragments": stats["fragments"], "disk_gb": stats["data_bytes"] / 1e9, "write_s": write_s,
+            "write_contexts_per_s": n / write_s, **opened, **reads,
+            "checksum_share": reads["checksums_5_median_us"] / 1e3 / reads["get_many_5_median_ms"]}
 
 
 def tensor_work(contexts: list[CompressedContext], store: ContextStore) -> None:
@@ -333,16 +384,16 @@ def write_benchmark(scale: str, work: Path) -> dict:
 
 def writer_process(path: str, by: dict, writer: int, batches: int, batch: int, barrier, results) -> None:
     """One of the concurrent writers: its contexts made first, then, released with the others, `batches`
-    fragments of `batch` contexts added and committed."""
+    commits of `batch` contexts."""
     torch.set_num_threads(1)
     contexts = passages(by, batch, seed=writer)
     store = ContextStore(path, flush_every=batch)
     barrier.wait(600)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for b in range(batches):
         store.add_many([f"w{writer}-{b}-{i}" for i in range(batch)], contexts)
     store.close()
-    results.put((start, time.perf_counter(), batches * batch))
+    results.put((start, time.perf_counter(), batches * batch, time.process_time() - cpu))
 
 
 def concurrent_writers(scale: str, work: Path) -> dict:
@@ -364,21 +415,149 @@ def concurrent_writers(scale: str, work: Path) -> dict:
         for p in procs:
             p.join()
         assert len(ContextStore(path)) == writers * batches * batch
-        seconds = max(end for _, end, _ in done) - min(start for start, _, _ in done)
-        out[writers] = {"contexts": sum(n for _, _, n in done), "seconds": seconds,
-                        "contexts_per_s": sum(n for _, _, n in done) / seconds}
+        seconds = max(end for _, end, _, _ in done) - min(start for start, _, _, _ in done)
+        contexts, cpu = sum(n for _, _, n, _ in done), sum(c for _, _, _, c in done)
+        out[writers] = {"contexts": contexts, "seconds": seconds, "contexts_per_s": contexts / seconds,
+                        "cpu_s": cpu, "contexts_per_cpu_s": contexts / cpu, "cores_busy": cpu / seconds}
         shutil.rmtree(path)
-        print(f"  {writers} writer(s): {out[writers]['contexts_per_s']:.0f} contexts/s", file=sys.stderr)
+        print(f"  {writers} writer(s): {out[writers]['contexts_per_s']:.0f} contexts/s, "
+              f"{out[writers]['contexts_per_cpu_s']:.0f} per CPU second", file=sys.stderr)
     cores = min(4, os.cpu_count() or 1)
     return {"batches_per_writer": batches, "contexts_per_batch": batch, "one": out[1], "four": out[4],
             "cores_used": cores,
-            "ratio_to_one_times_cores": out[4]["contexts_per_s"] / (out[1]["contexts_per_s"] * cores)}
+            "ratio_to_one_times_cores": out[4]["contexts_per_s"] / (out[1]["contexts_per_s"] * cores),
+            "cpu_efficiency": out[4]["contexts_per_cpu_s"] / out[1]["contexts_per_cpu_s"]}
+
+
+def one_context_commits(scale: str, work: Path, commits: int) -> dict:
+    """`commits` commits of one context each (pq, released sizes): each one's time, then (format 4) compaction,
+    and open and get_many(5) after it."""
+    comp = released_compressor(scale)
+    path = work / "one-by-one"
+    store = pq_store(path, comp, flush_every=1)
+    pool = passages(made_by(comp), 64, seed=3)
+    times = []
+    start = time.perf_counter()
+    for i in range(commits):
+        t = time.perf_counter()
+        store.add(f"doc-{i:07d}", pool[i % len(pool)])
+        times.append(time.perf_counter() - t)
+        if (i + 1) % max(1, commits // 10) == 0:
+            print(f"  {i + 1:,} commits, the last thousand {1e3 * statistics.fmean(times[-1000:]):.1f} ms each",
+                  file=sys.stderr, flush=True)
+    total = time.perf_counter() - start
+    window = min(1000, commits // 10)
+    first, last = statistics.fmean(times[:window]), statistics.fmean(times[-window:])
+    out = {"commits": commits, "window": window, "seconds": total, "first_ms": 1e3 * first, "last_ms": 1e3 * last,
+           "ratio_last_to_first": last / first, "p99_ms": 1e3 * sorted(times)[int(0.99 * commits)],
+           "max_ms": 1e3 * max(times), "fragments": store.stats()["fragments"]}
+    if hasattr(store, "compact"):  # format 4
+        out["versions_kept"] = len(store.versions())
+        start = time.perf_counter()
+        out["compaction"] = store.compact()
+        out["compact_s"] = time.perf_counter() - start
+        keys = [f"doc-{i:07d}" for i in range(commits)]
+        out |= open_times(path, keys)
+        out |= get_many_times(ContextStore(path), comp, keys, 200 if scale == "full" else 50, 17)
+    else:
+        out |= open_times(path, [f"doc-{i:07d}" for i in range(commits)])
+    shutil.rmtree(path)
+    return out
+
+
+# ---------------------------------------------------------------------------- both formats in one run
+
+FORMAT3_COMMIT = "aacab70"  # the last commit of store format 3
+PARTS = {"reads": read_benchmark, "concurrent": concurrent_writers}
+
+
+def format3_code(work: Path) -> Path | None:
+    """arccompress as of FORMAT3_COMMIT, extracted from this repository into `work` (None if the checkout lacks
+    the commit)."""
+    folder = work / "format3-code"
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", FORMAT3_COMMIT, "arccompress"], capture_output=True)
+    if archive.returncode:
+        return None
+    folder.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
+
+
+def run_format3(code: Path | None, part: str, scale: str, work: Path, **kwargs) -> dict:
+    """One part of this benchmark run by format 3's code, in a subprocess."""
+    if code is None:
+        return {"not_run": f"commit {FORMAT3_COMMIT} is not in this checkout (a shallow clone?)"}
+    out = work / f"format3-{part}.json"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(code), str(ROOT / "benchmarks")])}
+    args = [sys.executable, __file__, "--scale", scale, "--part", part, "--work", str(work), "--part-out", str(out),
+            "--part-args", json.dumps(kwargs)]
+    subprocess.run(args, env=env, check=True, timeout=4 * 3600)
+    return json.loads(out.read_text())
+
+
+READS = [  # (measure, key, format, unit) of the reads' table
+    ("write {contexts:,} contexts (`append` of 8192-context tables)", "write_s", ".1f", " s"),
+    ("open: a new handle until its first `get_many(5)` returned", "open_s", ".3f", " s"),
+    ("`len()` on a new handle", "len_s", ".3f", " s"),
+    ("`get_many` of 5 random ids ({draws} draws), end to end: median", "get_many_5_median_ms", ".2f", " ms"),
+    ("the same, 95th percentile", "get_many_5_p95_ms", ".2f", " ms"),
+    ("the head's second layer in that (5 x {vectors_per_context} x {bottleneck} -> {decoder}, float32, this CPU; "
+     "microseconds on a GPU)", "head_5_median_ms", ".2f", " ms"),
+    ("**the store's own part** (find, read, verify, decode; timed alone): median", "store_part_median_ms", ".2f",
+     " ms"),
+    ("the store's own part, 95th percentile", "store_part_p95_ms", ".2f", " ms"),
+    ("the 5 row checksums (xxh3-128) in that", "checksums_5_median_us", ".0f", " µs"),
+    ("data files", "fragments", "d", ""),
+    ("on disk", "disk_gb", ".2f", " GB"),
+]
+CONCURRENT = [
+    ("1 writer: contexts/s", "one_contexts_per_s", ".0f", ""),
+    ("4 writers: contexts/s", "four_contexts_per_s", ".0f", ""),
+    ("**4 writers vs one writer x cores**", "ratio_to_one_times_cores", ".0%", ""),
+    ("cores the writers kept busy: 1 writer", "one_cores_busy", ".2f", ""),
+    ("cores the writers kept busy: 4 writers", "four_cores_busy", ".2f", ""),
+    ("contexts per CPU second: 1 writer", "one_contexts_per_cpu_s", ".0f", ""),
+    ("contexts per CPU second: 4 writers", "four_contexts_per_cpu_s", ".0f", ""),
+    ("**4 writers' work per CPU second vs one writer's**", "cpu_efficiency", ".0%", ""),
+]
+COMMITS = [
+    ("commits", "commits", ",d", ""),
+    ("a commit: mean of the first tenth of them (at most 1,000)", "first_ms", ".1f", " ms"),
+    ("a commit: mean of as many last ones", "last_ms", ".1f", " ms"),
+    ("**last / first**", "ratio_last_to_first", ".2f", "x"),
+    ("99th percentile", "p99_ms", ".1f", " ms"),
+    ("slowest (format 4: a commit that also merged small files or index segments)", "max_ms", ".0f", " ms"),
+    ("data files at the end", "fragments", "d", ""),
+    ("`compact`", "compact_s", ".1f", " s"),
+    ("open (format 4: after `compact`)", "open_s", ".3f", " s"),
+    ("`get_many(5)` after `compact`: end to end, median", "get_many_5_median_ms", ".2f", " ms"),
+    ("the store's own part, median", "store_part_median_ms", ".2f", " ms"),
+]
+
+
+def table(results: dict, measures: list[tuple[str, str, str, str]]) -> list[str]:
+    """A markdown table of format 3 against format 4: a row per measure, "not run" or "-" where there is none."""
+    names = results.get("format 4", {})
+    lines = ["| measure | format 3 | format 4 |", "| --- | --- | --- |"]
+    for label, key, spec, unit in measures:
+        cells = []
+        for fmt in ("format 3", "format 4"):
+            values = results.get(fmt, {})
+            cells.append("not run" if "not_run" in values else f"{values[key]:{spec}}{unit}" if key in values else "-")
+        lines.append(f"| {label.format(**names)} | {' | '.join(cells)} |")
+    return lines
+
+
+def flat(r: dict) -> dict:
+    """The concurrent writers' results with the one- and four-writer runs' values at the top (`four_seconds`)."""
+    return {f: v | {f"{k}_{m}": x for k in ("one", "four") if k in v for m, x in v[k].items()} for f, v in r.items()}
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Context store: codecs, reads, writes", "",
-             f"Machine: {result['machine']}. Texts: paragraphs of the Python standard library's docstrings. Random or "
-             "tiny weights: the errors measure what each codec does to the numbers, not accuracy on a task.", "",
+    lines = ["# Context store: codecs, reads, writes; format 3 and format 4", "",
+             f"Machine: {result['machine']}. Load average (1/5/15 min): {result.get('load', 'not recorded')}. Texts: "
+             "paragraphs of the Python standard library's docstrings. Random or tiny weights: the errors measure what "
+             "each codec does to the numbers, not accuracy on a task.", "",
              "| encoder | codec | bytes/token on disk | raw text bytes/token | size vs text | rel. L2 error | "
              "mean KL (32 steps) | same argmax | same 32 greedy tokens |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result.get("codecs", []):
@@ -390,34 +569,22 @@ def markdown(result: dict) -> str:
                      f"{r['size_vs_text']:.2f}x | {r['relative_l2_error']:.2e} | {r['mean_kl']:.2e} | "
                      f"{100 * r['argmax_agreement']:.1f}% | {100 * r['identical_generations']:.0f}% |")
     if "reads" in result:
-        m = result["reads"]
+        m = result["reads"]["format 4"]
         lines += ["", f"Reads: a synthetic store of {m['contexts']:,} contexts ({m['vectors_per_context']} vectors of "
-                  f"{m['bytes_per_vector']} bytes each: the released bottleneck at 1 bit/dim), {m['disk_gb']:.2f} GB "
-                  f"in "
-                  f"{m['fragments']} Parquet files.", "",
-                  "| measure | value |", "| --- | --- |",
-                  f"| write {m['contexts']:,} contexts (append, checksums verified) | {m['write_s']:.1f} s |",
-                  f"| open (index every fragment's ids, checked against its name) | {m['open_s']:.2f} s |",
-                  f"| get_many of 5 random ids ({m['draws']} draws), checksums verified, decoded to decoder inputs | "
-                  f"median "
-                  f"{m['get_many_5_median_ms']:.2f} ms, p95 {m['get_many_5_p95_ms']:.2f} ms |",
-                  f"| the 5 row checksums (xxh3-128) in that | {m['checksums_5_median_us']:.0f} µs "
-                  f"({100 * m['checksum_share']:.1f}% of the median) |",
-                  f"| the head's second layer in that ({5 * m['vectors_per_context']} x {m['bottleneck']} -> {m['decoder']}, float32, this "
-                  f"CPU; microseconds on a GPU) | {m['head_5_median_ms']:.2f} ms |",
-                  f"| the store's part (find, read, verify, decode: the median less the head) | "
-                  f"{m['store_part_median_ms']:.2f} ms |"]
+                  f"{m['bytes_per_vector']} bytes each: the released bottleneck at 1 bit/dim), checksums on: Parquet "
+                  "files in format 3, Lance data files in format 4.", "", *table(result["reads"], READS)]
     if "writes" in result:
         w = result["writes"]
         sizes = w["sizes"]
-        lines += ["", f"Writes: CPU time per 130-token passage (17 vectors + <Cont>; C={sizes['C']}, B={sizes['B']}, "
-                  f"H={sizes['H']}), one thread, bfloat16 contexts, batches of {w['contexts_per_batch']}. `encode` is "
-                  "what a GPU worker does per passage (its rows go to a write task); `add_many + flush` adds Parquet "
-                  "writing, fsync and the commit. Tensor work (one cat and range check per batch, the codec's cast or int8 "
-                  "scaling, one copy) runs on the device on a GPU; here the CPU does it, so it is shown apart; pq's "
-                  "codes are computed by faiss on the host.", "",
+        lines += ["", f"Writes (format 4): CPU time per 130-token passage (17 vectors + <Cont>; C={sizes['C']}, "
+                  f"B={sizes['B']}, H={sizes['H']}), one thread, bfloat16 contexts, batches of "
+                  f"{w['contexts_per_batch']}. `encode` is what a GPU worker does per passage (its rows go to a write "
+                  "task); `add_many + flush` adds writing the data files and the commit. Tensor work (one cat and "
+                  "range check per batch, the codec's cast or int8 scaling, one copy) runs on the device on a GPU; "
+                  "here the CPU does it, so it is shown apart; pq's codes are computed by faiss on the host.", "",
                   "| codec | encode | of which tensor work | encode, host only | add_many + flush | add_many + flush, "
                   "host only |", "| --- | --- | --- | --- | --- | --- |"]
+
         def host(ms: float) -> str:  # a difference of two medians: below 0.02 ms it is the timer's noise
             return f"{ms:.3f} ms" if ms >= 0.02 else "< 0.02 ms"
 
@@ -425,27 +592,65 @@ def markdown(result: dict) -> str:
             lines.append(f"| {codec} | {r['encode_ms']:.3f} ms | {r['tensor_work_ms']:.3f} ms | "
                          f"{host(r['encode_host_ms'])} | {r['add_flush_ms']:.3f} ms | {host(r['add_flush_host_ms'])} |")
     if "concurrent" in result:
-        c = result["concurrent"]
-        lines += ["", f"Concurrent writers: {c['batches_per_writer']} fragments of {c['contexts_per_batch']} contexts "
-                  "per writer process (released sizes, bottleneck-float16), all on one store.", "",
-                  "| writers | contexts/s | vs one writer x cores used |", "| --- | --- | --- |",
-                  f"| 1 | {c['one']['contexts_per_s']:.0f} | |",
-                  f"| 4 | {c['four']['contexts_per_s']:.0f} | {100 * c['ratio_to_one_times_cores']:.0f}% "
-                  f"(x {c['cores_used']} cores) |"]
+        m = result["concurrent"]["format 4"]
+        lines += ["", f"Concurrent writers: {m['batches_per_writer']} commits of {m['contexts_per_batch']} contexts "
+                  "per writer process (released sizes, bottleneck-float16), all on one store. This machine has "
+                  f"{m['cores_used']} cores: 4 writers can do at most {m['cores_used']}x one writer's work, so the "
+                  f"target reads 80% of one writer's rate x {m['cores_used']}; and since the machine is shared, each "
+                  "writer's CPU time (all its threads, Lance's included) is counted too: the work per CPU second does "
+                  "not depend on what else runs.", "", *table(flat(result["concurrent"]), CONCURRENT)]
+    if "commits" in result:
+        m = result["commits"]["format 4"]
+        lines += ["", "One-context commits (`add` with flush_every=1; pq, released sizes), one after the other: "
+                  f"format 4 in {m['seconds'] / 60:.1f} min, {m.get('versions_kept', '?')} versions kept at the end; "
+                  f"`compact` merged {m['compaction']['fragments_before']} data files into "
+                  f"{m['compaction']['fragments']}. Format 3's cost grows with every file it lists and indexes.", "",
+                  *table(result["commits"], COMMITS)]
     return "\n".join(lines) + "\n"
 
 
+def load() -> str:
+    """The machine's load averages (1, 5, 15 minutes) and what else ran: a shared machine's numbers need both."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.1f}/{five:.1f}/{fifteen:.1f}"
+
+
+def run_part(args) -> None:
+    """--part: one part of this benchmark in this process's arccompress (format 3's, when run_format3 asked)."""
+    kwargs = json.loads(args.part_args or "{}")
+    parts = PARTS | {"commits": one_context_commits}
+    result = parts[args.part](args.scale, Path(args.work), **kwargs)
+    Path(args.part_out).write_text(json.dumps(result))
+
+
 def main() -> None:
-    args = arguments(__doc__, None).parse_args()
+    parser = arguments(__doc__, None)
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--part-out", help=argparse.SUPPRESS)
+    parser.add_argument("--part-args", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.part:
+        return run_part(args)
     torch.manual_seed(0)
     info = machine()
-    result = {"scale": args.scale, "machine": f"{info['cpu']}, {info['threads']} torch threads, torch {info['torch']}"}
+    result = {"scale": args.scale, "machine": f"{info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, "
+                                              f"torch {info['torch']}", "load": f"at start {load()}"}
     name = "store" if args.scale == "full" else "store-small"
+    commits = {"format 3": 2_000, "format 4": 200_000} if args.scale == "full" else {"format 3": 200, "format 4": 2_000}
     with tempfile.TemporaryDirectory(prefix="arc-bench-store-") as work:
+        work = Path(work)
+        code = format3_code(work)
         for key, part in (("codecs", codec_table), ("reads", read_benchmark), ("writes", write_benchmark),
-                          ("concurrent", concurrent_writers)):
+                          ("concurrent", concurrent_writers), ("commits", one_context_commits)):
             step(key)
-            result[key] = part(args.scale, Path(work))
+            if key in ("reads", "concurrent", "commits"):
+                kwargs = {fmt: {"commits": n} if key == "commits" else {} for fmt, n in commits.items()}
+                result[key] = {"format 3": run_format3(code, key, args.scale, work, **kwargs["format 3"]),
+                               "format 4": part(args.scale, work, **kwargs["format 4"])}
+            else:
+                result[key] = part(args.scale, work)
+            result["load"] += f"; after {key} {load()}"
             save_results(args.out, name, result, markdown(result), echo=False)
     print(markdown(result))
 

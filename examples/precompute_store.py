@@ -1,8 +1,8 @@
 """Compress a corpus once into a ContextStore, then answer questions from the stored contexts.
 
 The store is resumable (rerun this script with the same --store: stored ids are skipped), keeps the contexts
-compactly (the head's bottleneck in float16 by default, or --codec pq for product quantization) in Parquet
-files any data tool reads, and reports its size next to the raw text's.
+compactly (the head's bottleneck in float16 by default, or --codec pq for product quantization) in a Lance
+dataset any data tool reads (a folder, or s3:// and friends), and reports its size next to the raw text's.
 
     python examples/precompute_store.py --tiny --store /tmp/my-store --codec pq
 """

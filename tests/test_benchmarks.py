@@ -34,8 +34,15 @@ def test_store_benchmark_runs_at_small_scale(tmp_path):
     rows = {(r["encoder"], r["codec"], r.get("bits_per_dim")): r for r in result["codecs"] if "unavailable" not in r}
     exact = [r for (_, codec, _), r in rows.items() if codec == "decoder-float32"]
     assert exact and all(r["relative_l2_error"] == 0 and r["identical_generations"] == 1 for r in exact)
-    assert result["reads"]["get_many_5_median_ms"] > 0 and result["reads"]["contexts"] == 20_000
-    assert "| encoder | codec |" in (tmp_path / "store-small.md").read_text()
+    reads = result["reads"]["format 4"]
+    assert reads["get_many_5_median_ms"] > 0 and reads["store_part_median_ms"] > 0 and reads["contexts"] == 20_000
+    for part in ("reads", "concurrent", "commits"):  # format 3 runs from git history (a shallow clone has none)
+        assert result[part]["format 3"].get("not_run") or result[part]["format 3"], part
+    commits = result["commits"]["format 4"]
+    assert commits["commits"] == 2_000 and commits["ratio_last_to_first"] > 0 and commits["compaction"]["fragments"] == 1
+    assert result["concurrent"]["format 4"]["four"]["contexts"] == 4 * result["concurrent"]["format 4"]["one"]["contexts"]
+    text = (tmp_path / "store-small.md").read_text()
+    assert "| encoder | codec |" in text and "| measure | format 3 | format 4 |" in text
 
 
 def test_corpus_benchmark_runs_at_small_scale(tmp_path):

@@ -52,7 +52,7 @@ def test_compress_is_resumable_and_ask_answers(tiny_dir, docs, tmp_path):
               "--codec", "int8", "--no-progress")
     assert out.returncode == 0, out.stderr
     assert "compressed 5 texts (0 already stored)" in out.stdout and "bytes per token" in out.stdout
-    assert "bottleneck-int8" in out.stdout and len(list((store / "data").glob("*.parquet"))) == 3
+    assert "bottleneck-int8" in out.stdout and "in 3 data files" in out.stdout
     with open(docs, "a") as f:
         f.write(json.dumps({"id": "d5", "text": "One more."}) + "\n")
     out = run("compress", "--encoder", tiny_dir / "hub", "--jsonl", docs, "--store", store, "--no-progress")

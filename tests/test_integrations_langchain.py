@@ -247,3 +247,16 @@ def test_a_running_service_reads_stored_ids_itself(rag, retriever, service):
     assert "".join(c.content for c in model.stream(question, documents=docs)) == message.content
     with pytest.raises(InputTypeError, match="document 0: a service takes documents' text"):
         model.invoke(question, documents=[rag["store"][STORED[0]]])
+
+
+def test_a_document_whose_text_is_stored_travels_as_a_reference(rag):
+    """A document without an id whose text the store holds: a service's client sends the stored id, not the text
+    (the service reads its own store); the same text with other chunking is compressed as text."""
+    engine = ScriptedEngine(["Paris"])
+    model = ArcChatModel(engine=engine, store=rag["store"])
+    text = PASSAGES[STORED[3]]
+    model.invoke(QUESTIONS[0], documents=[Document(page_content=f"{text}\n"), Document(page_content=PASSAGES["p001"])])
+    assert engine.prompts[-1] == fewshot_qa_prompt(QUESTIONS[0], [ContextRef(STORED[3]), PASSAGES["p001"]])
+    ArcChatModel(engine=engine, store=rag["store"], chunk_size=4).invoke(QUESTIONS[0],
+                                                                         documents=[Document(page_content=text)])
+    assert engine.prompts[-1] == fewshot_qa_prompt(QUESTIONS[0], [ContextText(text, 4)])

@@ -154,3 +154,25 @@ def test_a_running_service_reads_stored_ids_itself(retriever, service):
     assert synth.synthesize(QUESTIONS[0], nodes).response == expected
     streaming = ArcResponseSynthesizer(engine=service, store=set(STORED), max_new_tokens=N, streaming=True)
     assert "".join(streaming.synthesize(QUESTIONS[0], nodes).response_gen) == expected
+
+
+def test_an_index_built_from_documents_finds_stored_contexts_by_text(rag, compressed):
+    """`VectorStoreIndex.from_documents` names its nodes with UUIDs, which no store holds: the synthesizer finds
+    the precomputed contexts by the nodes' text (issue 25), and compresses only the texts the store lacks."""
+    from llama_index.core import Document
+
+    gen, store = rag["gen"], rag["store"]
+    keys = STORED[:6] + [k for k in PASSAGES if k not in STORED][:6]
+    index = VectorStoreIndex.from_documents([Document(text=PASSAGES[k]) for k in keys], embed_model=BagOfWords())
+    engine = RetrieverQueryEngine(index.as_retriever(similarity_top_k=4), response_synthesizer=ArcResponseSynthesizer(
+        engine=gen, store=store, max_new_tokens=N))
+    for question in QUESTIONS:
+        compressed.clear()
+        response = engine.query(question)
+        texts = [n.node.get_content() for n in response.source_nodes]
+        assert all(n.node.node_id not in PASSAGES for n in response.source_nodes)  # UUIDs
+        assert compressed == [t for t in texts if t not in {PASSAGES[k] for k in STORED}]
+        documents = [store[next(k for k in STORED if PASSAGES[k] == t)] if t in {PASSAGES[k] for k in STORED} else t
+                     for t in texts]
+        assert response.response == gen.answer(question, documents, max_new_tokens=N)
+    assert len(compressed) < 4 * len(QUESTIONS)

@@ -291,6 +291,30 @@ def test_bad_requests_get_one_json_error_and_the_server_keeps_serving(server, cl
     assert client.completions.create(model="tiny", prompt="ok", max_tokens=2, temperature=0).choices[0].text is not None
 
 
+def test_a_document_sent_as_text_that_the_store_holds_is_read_from_it(client, server, reference):
+    """A retriever that returns a precomputed document's text (not its id) gets its stored context: read from the
+    store by the text's hash, not compressed again; the answer is the one its id gives."""
+    gen, store = reference
+    before = metrics(server)
+    wire = ["Document: ", {"type": "document", "text": DOCS["paris"] + " "}, "\nQuestion: Where?\nAnswer:"]
+    fresh = client.completions.create(model="tiny", prompt=wire, max_tokens=8, temperature=0)  # not stored: compressed
+    middle = metrics(server)
+    assert middle["arccompress_documents_total"] - before["arccompress_documents_total"] == 1
+    wire[1] = doc_text("paris")  # its text exactly as stored
+    got = client.completions.create(model="tiny", prompt=wire, max_tokens=8, temperature=0)
+    after = metrics(server)
+    wire[1] = doc_id("paris")
+    by_id = client.completions.create(model="tiny", prompt=wire, max_tokens=8, temperature=0)
+    assert got.choices[0].text == by_id.choices[0].text == gen.generate(
+        ["Document: ", store["paris"], "\nQuestion: Where?\nAnswer:"], max_new_tokens=8)
+    assert fresh.usage.prompt_tokens == got.usage.prompt_tokens
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    stored_after = float(re.search(r'arccompress_documents_total\{source="store"\} ([0-9.e+]+)', text).group(1))
+    assert after["arccompress_documents_total"] - middle["arccompress_documents_total"] == 1
+    assert stored_after >= 1 and after.get("arccompress_compress_batch_documents_count", 0) == \
+        middle.get("arccompress_compress_batch_documents_count", 0)  # no encoder call for it
+
+
 def test_a_document_shorter_than_its_compressed_form_is_served(client, server):
     """One token of text is two positions compressed (its vector and <Cont>): it saves nothing, and that is no error."""
     out = client.completions.create(model="tiny", prompt=[{"type": "document", "text": "x"}], max_tokens=2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -13,10 +12,9 @@ import pytest
 import numpy as np
 import torch
 
-from arccompress import CompressedContext, Compressor, ContextStore, Generator, StoreError
+from arccompress import CompressedContext, Compressor, ContextStore, Generator, InputError, StoreError
 from arccompress.codec import Codec, CodecError, parse_codec
 from arccompress.store import row_schema
-from arccompress.store.format import with_checksums
 
 TEXTS = {f"doc-{i}": f"Document number {i} says something about topic {i * 7}. " * (i % 9 + 1) for i in range(60)}
 
@@ -171,7 +169,7 @@ def test_pq_codebook_is_trained_kept_and_checked(comp, tmp_path):
         path = tmp_path / f"pq{bits}"
         store = ContextStore(path, compressor=comp, codec="pq", bits_per_dim=bits, train_size=1000, flush_every=32)
         store.add_many(ids[:10], ctxs[:10])
-        with pytest.raises(StoreError, match="at least 256 training vectors"):
+        with pytest.raises(InputError, match="at least 256 training vectors, got"):
             store.flush()  # too few vectors to train 256 centroids: nothing written, nothing lost
         assert len(store) == 10 and not path.exists()
         store.add_many(ids[10:], ctxs[10:])
@@ -184,7 +182,7 @@ def test_pq_codebook_is_trained_kept_and_checked(comp, tmp_path):
     assert errors[2.0] < errors[1.0] < errors[0.5] < 1.0
     with pytest.raises(StoreError, match="keeps bottleneck-pq at 1 bits/dim"):
         ContextStore(tmp_path / "pq1.0", codec="pq", bits_per_dim=2.0)
-    codec_file = next((tmp_path / "pq1.0").glob("codec-*.safetensors"))
+    codec_file = next((tmp_path / "pq1.0" / "_arccompress").glob("codec-*.safetensors"))
     codec_file.write_bytes(codec_file.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(StoreError, match="codec-.*sha256"):
         ContextStore(tmp_path / "pq1.0")
@@ -266,87 +264,55 @@ def test_any_unicode_id(comp, contexts, tmp_path):
 
 
 def test_failed_flush_leaves_nothing_and_can_be_retried(comp, contexts, tmp_path, monkeypatch):
+    """A disk that fills up while a data file is written: a StoreError naming the store and the cause; the half
+    file is in no version (readers see the committed rows only), the queue is kept, and the retry commits."""
     import errno
 
-    import pyarrow.parquet as pq
+    from arccompress.store import writer
 
     store = ContextStore(tmp_path / "s", compressor=comp, flush_every=1000)
     store.add_many(list(TEXTS)[:5], contexts[:5])
     store.flush()
     store.add_many(list(TEXTS)[5:9], contexts[5:9])
-    real = pq.ParquetWriter.write_table
+    real = writer.write_fragments
 
-    def disk_full(self, table, *args, **kwargs):
-        real(self, table.slice(0, 1), *args, **kwargs)  # half a file written...
+    def disk_full(table, *args, **kwargs):
+        real(table.slice(0, 1), *args, **kwargs)  # a data file written, never committed...
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pq.ParquetWriter, "write_table", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    monkeypatch.setattr(writer, "write_fragments", disk_full)
+    with pytest.raises(StoreError, match=r"s: cannot write data files: no space left on the device"):
         store.flush()
-    data = tmp_path / "s" / "data"
-    assert len(list(data.glob("*.parquet"))) == 1 and not list(data.glob(".tmp-*"))
-    assert len(ContextStore(tmp_path / "s")) == 5  # readers see the committed fragment only
-    monkeypatch.setattr(pq.ParquetWriter, "write_table", real)
+    assert len(ContextStore(tmp_path / "s")) == 5 and len(store) == 9  # readers see the committed rows only
+    monkeypatch.setattr(writer, "write_fragments", real)
     store.flush()  # the same batch, retried
     reopened = ContextStore(tmp_path / "s")
     assert list(reopened) == list(TEXTS)[:9] and reopened.stats()["duplicates"] == 0
 
 
-def test_tampered_files_name_themselves(comp, contexts, tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with ContextStore(tmp_path / "s", compressor=comp, codec="float32", flush_every=4) as store:
-        store.add_many(list(TEXTS)[:8], contexts[:8])
-    fragment = sorted((tmp_path / "s" / "data").glob("*.parquet"))[0]
-    original = fragment.read_bytes()
-    fragment.write_bytes(original[: len(original) // 2])
-    with pytest.raises(StoreError, match=fragment.name):
-        len(ContextStore(tmp_path / "s"))
-    table = pq.read_table(pa.BufferReader(original))
-    codes = table.column("codes").to_pylist()
-    codes[1] = codes[1][:-4]  # a short code, with a checksum to match: the length check catches it
-    short = with_checksums(table.set_column(6, "codes", pa.array(codes, pa.binary())))
-    pq.write_table(short.replace_schema_metadata(table.schema.metadata), fragment)
-    key = table.column("id")[1].as_py()
-    with pytest.raises(StoreError, match=f"{key}.*bytes of codes"):
-        ContextStore(tmp_path / "s")[key]
-    fragment.write_bytes(original)
-    manifest = tmp_path / "s" / "manifest.json"
-    good = manifest.read_text()
-    for bad, message in (("{oops", "manifest.json: unreadable"), ("[]", "not an arccompress store manifest"),
-                         (json.dumps(json.loads(good) | {"hidden_size": "64"}), "hidden_size")):
-        manifest.write_text(bad)
-        with pytest.raises(StoreError, match=message):
-            ContextStore(tmp_path / "s")
-    manifest.write_text(good)
-    # a fragment of another store copied in
-    with ContextStore(tmp_path / "other", compressor=comp, codec="float32") as other:
-        other.add("z", contexts[20])
-    foreign = next((tmp_path / "other" / "data").glob("*.parquet"))
-    (tmp_path / "s" / "data" / foreign.name).write_bytes(foreign.read_bytes())
-    with pytest.raises(StoreError, match="another store"):
-        len(ContextStore(tmp_path / "s"))
-
-
-def test_store_files_are_read_by_data_tools(comp, contexts, tmp_path):
+def test_store_rows_are_read_by_data_tools(comp, contexts, tmp_path):
+    """A store is a Lance dataset: a pyarrow Dataset (`store.dataset()`) that DuckDB, polars and pyarrow scan, and
+    Lance itself opens; a column a user adds (a retrieval vector) is kept by later commits."""
     import duckdb
+    import lance
     import polars as pl
-    import pyarrow.dataset
-    from datasets import load_dataset
+    import pyarrow as pa
 
     with ContextStore(tmp_path / "s", compressor=comp, flush_every=16) as store:
-        store.add_many(list(TEXTS), contexts)
-    files = str(tmp_path / "s" / "data" / "*.parquet")
-    tokens = sum(c.num_tokens for c in contexts)
-    assert duckdb.sql(f"SELECT count(*), sum(num_tokens) FROM read_parquet('{files}')").fetchall() == [(60, tokens)]
-    assert pl.scan_parquet(files).select(pl.col("num_tokens").sum()).collect().item() == tokens
-    ds = load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
-    assert sorted(ds["id"]) == sorted(TEXTS) and ds.column_names == list(row_schema().names)
-    assert {len(c) for c in ds["checksum"]} == {16}
-    # what Ray Data's read_parquet(folder) reads: a pyarrow dataset of the folder (dot files, temporary ones, skipped)
-    (tmp_path / "s" / "data" / ".tmp-host-1-x").write_bytes(b"half a fragment")
-    assert pyarrow.dataset.dataset(tmp_path / "s" / "data", format="parquet").to_table().num_rows == 60
+        store.add_many(list(TEXTS)[:50], contexts[:50])
+    tokens = sum(c.num_tokens for c in contexts[:50])
+    rows = ContextStore(tmp_path / "s").dataset()
+    assert duckdb.sql("SELECT count(*), sum(num_tokens) FROM rows").fetchall() == [(50, tokens)]
+    assert pl.scan_pyarrow_dataset(rows).select(pl.col("num_tokens").sum()).collect().item() == tokens
+    assert rows.to_table(columns=["id"]).num_rows == 50 and rows.schema.names == list(row_schema().names)
+    assert {len(c) for c in rows.to_table(columns=["checksum"]).column(0).to_pylist()} == {16}
+    # vectors beside the contexts: a column added with Lance, null for rows written after it
+    lance.dataset(tmp_path / "s").add_columns(pa.field("vector", pa.list_(pa.float32(), 4)))
+    with ContextStore(tmp_path / "s", compressor=comp) as store:
+        store.add_many(list(TEXTS)[50:], contexts[50:])
+    back = ContextStore(tmp_path / "s")
+    assert len(back) == 60 and torch.equal(back["doc-55"].embeddings, ContextStore(tmp_path / "s")["doc-55"].embeddings)
+    assert back.dataset().to_table(columns=["vector"]).column(0).null_count == 60
 
 
 def test_stored_contexts_answer_through_a_generator(comp, tiny_dir, tmp_path):
@@ -356,29 +322,6 @@ def test_stored_contexts_answer_through_a_generator(comp, tiny_dir, tmp_path):
         store.add_many(["d", "e"], ctxs)
     loaded = ContextStore(tmp_path / "s", compressor=comp).get_many(["d", "e"])
     assert gen.answer("what?", loaded, max_new_tokens=6) == gen.answer("what?", ctxs, max_new_tokens=6)
-
-
-def test_v1_stores_are_converted(comp, contexts, tmp_path):
-    """A store of arccompress 0.1 (safetensors shards + index.jsonl) is refused with advice, and converted once."""
-    from safetensors.torch import save_file
-
-    old = tmp_path / "old"
-    (old / "shards").mkdir(parents=True)
-    (old / "manifest.json").write_text(json.dumps({
-        "format": "arccompress-store", "version": 1, "dtype": "float32", "encoder": comp.name,
-        "encoder_fingerprint": comp.fingerprint, "decoder_index": 0, "hidden_size": 64, "pooling_factor": 8}))
-    save_file({f"c{i}": c.embeddings for i, c in enumerate(contexts[:3])}, old / "shards" / "00000.safetensors")
-    index = [{"id": k, "shard": "00000.safetensors", "key": f"c{i}", "num_tokens": c.num_tokens,
-              "num_embeddings": c.num_embeddings, "chunk_size": None} for i, (k, c) in enumerate(zip(TEXTS, contexts[:3]))]
-    (old / "index.jsonl").write_text("".join(json.dumps(e) + "\n" for e in index) + '{"id": "cut')
-    with pytest.raises(StoreError, match="arccompress convert"):
-        ContextStore(old)
-    new = ContextStore.convert(old, tmp_path / "new", codec="float32")
-    assert list(new) == list(TEXTS)[:3]
-    for key, c in zip(TEXTS, contexts[:3]):
-        assert torch.equal(new[key].embeddings, c.embeddings) and new[key].encoder_fingerprint == comp.fingerprint
-    with pytest.raises(StoreError, match="decoder-space codec"):
-        ContextStore.convert(old, tmp_path / "pq", codec="pq")
 
 
 # ----------------------------------------------------------------------------- processes: crashes and races
@@ -444,4 +387,4 @@ def test_concurrent_writers_create_and_fill_one_store(comp, tiny_dir, tmp_path):
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err[-2000:]
     check_store(comp, path, [f"id-{i}" for i in range(120)])
-    assert len(list(path.glob("codec-*.safetensors"))) >= 1 and (path / "manifest.json").is_file()
+    assert len(list((path / "_arccompress").glob("codec-*.safetensors"))) >= 1 and (path / "_versions").is_dir()

@@ -1,33 +1,24 @@
-"""The store's commit protocol and checksums, in one process: names, clashes, retries, damage, older formats.
+"""The store's commit protocol in one process: one row per id, the first committed; losers told; retries counted;
+all or nothing per call; ids of any size and any text.
 
-Two ContextStore objects on one folder are two writers (each commit takes the store's lock through its own
-file descriptor, as separate processes do); tests/test_store_processes.py races real processes.
+Two ContextStore objects on one folder are two writers (no lock anywhere: each commits a version of its own);
+tests/test_store_processes.py races real processes, tests/test_store_s3.py writers on an object store.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
-import struct
-import subprocess
-import sys
+import threading
 
+import lance
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from arccompress import CompressedContext, Compressor, ContextStore, StoreError
-from arccompress.store import CommitResult, FragmentWriter, IdClashError
-from arccompress.store.format import METADATA_KEY, fragment_name, with_checksums
+from arccompress import CompressedContext, ContextStore, StoreError
+from arccompress.store import CommitResult, IdClashError, writer
 
 WIDTH = 64
-
-
-@pytest.fixture(scope="module")
-def comp(tiny_dir) -> Compressor:
-    return Compressor.from_pretrained(tiny_dir / "hub")
 
 
 def ctx(seed: int, text: str | None = None, rows: int = 3) -> CompressedContext:
@@ -40,31 +31,37 @@ def new_store(path, **kwargs) -> ContextStore:
     """A decoder-space store (no compressor needed), created."""
     with ContextStore(path, codec="float32", **kwargs) as store:
         store.add("seed", ctx(0))
-    return ContextStore(path)
+    return ContextStore(path, **kwargs)
 
 
-def fragments(path) -> list:
-    return sorted((path / "data").glob("part-*.parquet"))
+def raw_rows(path) -> int:
+    """Rows in the Lance dataset, shadowed ones included."""
+    return lance.dataset(path).count_rows()
 
 
-# ----------------------------------------------------------------------------- names
+def same(store, key, seed) -> bool:
+    return torch.equal(store[key].embeddings, ctx(seed).embeddings)
 
 
-def test_fragment_names_cannot_collide(tmp_path):
-    """ids holding NUL: ["a\\0b"] and ["a", "b"] joined with NUL gave one name, and the second flush replaced
-    the first fragment."""
-    assert fragment_name(pa.array(["a\0b"])) != fragment_name(pa.array(["a", "b"]))
-    assert fragment_name(pa.array(["ab", ""])) != fragment_name(pa.array(["a", "b"]))
-    assert fragment_name(pa.array(["a", "b"])) == fragment_name(pa.chunked_array([["a"], ["b"]], pa.large_string()))
-    store = ContextStore(tmp_path / "s", codec="float32")
-    store.add("a\0b", ctx(1))
-    store.flush()
-    store.add_many(["a", "b"], [ctx(2), ctx(3)])
+# ----------------------------------------------------------------------------- ids
+
+
+def test_ids_of_any_text_and_size(tmp_path):
+    """Ids are filter values, never SQL: quotes, backslashes, NUL, LIKE's wildcards, a 1 MB id, 20,000 ids."""
+    odd = ["a'b", 'a"b', "a\\b", "a\0b", "%", "_", "a%", "' OR '1'='1", "x" * 1_000_000, "🧭", " "]
+    store = new_store(tmp_path / "s", flush_every=5000)
+    store.add_many(odd, [ctx(i) for i in range(len(odd))])
+    many = [f"many-{i}" for i in range(20_000)]
+    store.add_many(many, [ctx(0, rows=1)] * len(many))
     store.close()
     back = ContextStore(tmp_path / "s")
-    assert sorted(back) == ["a", "a\0b", "b"] and len(fragments(tmp_path / "s")) == 2
-    for key, seed in (("a\0b", 1), ("a", 2), ("b", 3)):
-        assert torch.equal(back[key].embeddings, ctx(seed).embeddings)
+    assert len(back) == 1 + len(odd) + len(many) and set(back) == {"seed", *odd, *many}
+    for i, key in enumerate(odd):
+        assert key in back and same(back, key, i), key[:20]
+    assert "a" not in back and "a'" not in back and "x" * 999_999 not in back
+    assert len(back.get_many(many)) == 20_000
+    with pytest.raises(KeyError, match=r"'nope'"):
+        back.get_many(["a'b", "nope"])
 
 
 # ----------------------------------------------------------------------------- two writers, one id
@@ -77,14 +74,13 @@ def test_second_writer_of_the_same_ids_never_replaces(tmp_path):
     first.add_many(ids, [ctx(1), ctx(2), ctx(3)])
     second.add_many(ids, [ctx(4), ctx(5), ctx(6)])  # queued before the first commits: the commit decides
     first.flush()
-    committed = {f: (f.read_bytes(), f.stat().st_ino) for f in fragments(path)}
+    version = ContextStore(path).version
     with pytest.raises(IdClashError, match="'x', 'y', 'z'") as e:
         second.flush()
     assert (e.value.ids, e.value.committed, e.value.same_text) == (ids, [], [])
-    assert {f: (f.read_bytes(), f.stat().st_ino) for f in fragments(path)} == committed
-    assert not list((path / "data").glob(".tmp-*"))
     back = ContextStore(path)
-    assert [torch.equal(back[k].embeddings, ctx(s).embeddings) for k, s in zip(ids, (1, 2, 3))] == [True] * 3
+    assert back.version == version and raw_rows(path) == 4  # nothing written, no version made
+    assert [same(back, k, s) for k, s in zip(ids, (1, 2, 3))] == [True] * 3
     # the same rows again (a retried task) count as written
     third = ContextStore(path)
     third.add_many(["w"], [ctx(7)])
@@ -108,25 +104,129 @@ def test_overlapping_batches_store_each_id_once_and_the_loser_goes_on(tmp_path):
     b.close()
     back = ContextStore(path)
     assert sorted(back) == ["p", "q", "r", "s", "seed", "t", "u"] and back.stats()["duplicates"] == 0
-    assert torch.equal(back["r"].embeddings, ctx(3).embeddings) and torch.equal(back["s"].embeddings, ctx(5).embeddings)
+    assert same(back, "r", 3) and same(back, "s", 5)
 
 
-def test_a_clash_inside_add_many_keeps_the_rest_queued(tmp_path):
+def test_a_commit_that_another_writer_overtakes_learns_it_lost(tmp_path, monkeypatch):
+    """The race the lock used to close: B commits the same ids between A's look and A's commit. Lance puts A's
+    version after B's; A looks again, finds its rows shadowed (B's commit came first), deletes them and says so:
+    refused for other contents, written for identical ones. Every reader reads B's rows, before and after."""
+    path = tmp_path / "s"
+    a, b = new_store(path), ContextStore(path)
+    real = writer.write_rows
+
+    def b_commits_first(location, rows):
+        written = real(location, rows)
+        if not b_committed:
+            b_committed.append(True)
+            b.add_many(["k1", "k2", "k3"], [ctx(1), ctx(9), ctx(3)])  # k1 and k3 identical to A's, k2 not
+            b.flush()
+        return written
+
+    b_committed: list[bool] = []
+    monkeypatch.setattr(writer, "write_rows", b_commits_first)
+    a.add_many(["k1", "k2", "k3", "k4"], [ctx(1), ctx(2), ctx(3), ctx(4)])
+    with pytest.raises(IdClashError, match="'k2'.*1 other contexts were committed \\(2 already stored identically\\)") \
+            as e:
+        a.flush()
+    assert (e.value.ids, e.value.committed) == (["k2"], ["k4"])
+    back = ContextStore(path)
+    assert sorted(back) == ["k1", "k2", "k3", "k4", "seed"] and len(back) == 5
+    assert same(back, "k2", 9) and same(back, "k4", 4)
+    assert raw_rows(path) == 5 and back.stats()["duplicates"] == 0  # A deleted its shadowed rows
+
+
+def test_shadowed_rows_left_by_a_writer_that_died_are_never_read(tmp_path, monkeypatch):
+    """A writer that lost a race and died before deleting its rows: they stay in the dataset, shadowed: not read,
+    not counted, not listed; compaction drops them."""
+    path = tmp_path / "s"
+    a, b = new_store(path), ContextStore(path)
+    real = writer.write_rows
+
+    def b_commits_first(location, rows):
+        written = real(location, rows)
+        monkeypatch.setattr(writer, "write_rows", real)
+        b.add_many(["k1", "k2"], [ctx(1), ctx(2)])
+        b.flush()
+        return written
+
+    monkeypatch.setattr(writer, "write_rows", b_commits_first)
+    monkeypatch.setattr(writer, "delete_rows", lambda *args: False)  # dies before deleting
+    a.add_many(["k1", "k2", "k3"], [ctx(11), ctx(12), ctx(13)])
+    with pytest.raises(IdClashError):
+        a.flush()
+    back = ContextStore(path)
+    assert raw_rows(path) == 6 and len(back) == 4 and sorted(back) == ["k1", "k2", "k3", "seed"]
+    assert back.stats()["duplicates"] == 2 and same(back, "k1", 1) and same(back, "k2", 2)
+    assert back.compact()["shadowed_rows_dropped"] == 2
+    assert raw_rows(path) == 4 and same(ContextStore(path), "k1", 1) and ContextStore(path).stats()["duplicates"] == 0
+
+
+def test_rows_a_foreign_writer_appended_repeat_ids_and_the_first_wins(tmp_path):
+    """Rows appended with Lance alone (no store code: no look first) that repeat stored ids, and a data file
+    holding an id twice: each id reads its first row in the dataset's order."""
+    path = tmp_path / "s"
+    store = new_store(path)
+    store.append(store.encode(["a", "b"], [ctx(1), ctx(2)]))
+    rows = store.encode(["b", "c", "c2"], [ctx(3), ctx(4), ctx(5)])
+    twice = pa.concat_tables([store.encode(["d"], [ctx(6)]), store.encode(["d"], [ctx(7)])])
+    lance.write_dataset(pa.concat_tables([rows, twice]), path, mode="append")
+    back = ContextStore(path)
+    assert sorted(back) == ["a", "b", "c", "c2", "d", "seed"] and len(back) == 6
+    assert back.stats()["duplicates"] == 2 and same(back, "b", 2) and same(back, "d", 6)
+    assert [c.num_tokens for c in back.get_many(["b", "d", "b"])] == [24, 24, 24]
+
+
+# ----------------------------------------------------------------------------- all or nothing per call
+
+
+def test_a_clash_inside_add_many_leaves_nothing_of_the_call_queued(tmp_path):
+    """add_many commits every flush_every contexts: a commit that meets another writer's id raises, and the
+    call's contexts that were not committed leave the queue (issue 25: no half-queued batch); the call, retried
+    without the refused id, stores the rest (the committed ones count as written)."""
     path = tmp_path / "s"
     a, b = new_store(path, flush_every=3), ContextStore(path, flush_every=3)
     b.add_many(["k1", "k2"], [ctx(1), ctx(2)])
     a.add("k2", ctx(9))
     a.flush()
-    with pytest.raises(IdClashError) as e:  # b's queue reaches flush_every with k3: its commit meets a's k2
+    with pytest.raises(IdClashError, match="3 contexts of this call were not queued") as e:
         b.add_many(["k3", "k4", "k5", "k6"], [ctx(3), ctx(4), ctx(5), ctx(6)])
     assert e.value.ids == ["k2"] and e.value.committed == ["k1", "k3"]
-    assert sorted(b) == ["k1", "k2", "k3", "k4", "k5", "k6", "seed"]  # k4-k6 wait in b's queue
+    assert sorted(b) == ["k1", "k2", "k3", "seed"]  # k4-k6 are not waiting in b's queue
+    b.add_many(["k3", "k4", "k5", "k6"], [ctx(3), ctx(4), ctx(5), ctx(6)])  # the retry: k3 counts as written
     b.close()
     assert sorted(ContextStore(path)) == ["k1", "k2", "k3", "k4", "k5", "k6", "seed"]
-    assert torch.equal(ContextStore(path)["k2"].embeddings, ctx(9).embeddings)
+    assert same(ContextStore(path), "k2", 9)
 
 
-def test_adding_an_id_another_writer_stored_is_refused_before_queueing(tmp_path):
+def test_a_failing_flush_inside_add_many_leaves_the_call_retryable(tmp_path, monkeypatch):
+    """The second of three commits of one add_many fails (a disk error): the first one's contexts are stored,
+    the rest leave the queue, earlier calls' queued contexts stay, and the same call again succeeds."""
+    path = tmp_path / "s"
+    store = new_store(path, flush_every=4)
+    store.add("early", ctx(50))  # queued by an earlier call
+    real, calls = writer.write_rows, []
+
+    def fails_once(location, rows):
+        calls.append(rows.num_rows)
+        if len(calls) == 2:
+            raise StoreError("disk error")
+        return real(location, rows)
+
+    monkeypatch.setattr(writer, "write_rows", fails_once)
+    keys = [f"k{i}" for i in range(9)]
+    with pytest.raises(StoreError, match="disk error"):
+        store.add_many(keys, [ctx(i) for i in range(9)])
+    assert sorted(ContextStore(path)) == ["early", "k0", "k1", "k2", "seed"]
+    assert list(store._queue) == []  # nothing of the failed call is queued (early was committed with k0-k2)
+    store.add_many(keys, [ctx(i) for i in range(9)])
+    store.close()
+    back = ContextStore(path)
+    assert sorted(back) == sorted(["early", "seed", *keys]) and raw_rows(path) == 11
+    assert all(same(back, k, i) for i, k in enumerate(keys))
+
+
+def test_adding_an_id_stored_with_other_contents_is_refused_before_queueing(tmp_path):
     path = tmp_path / "s"
     a, b = new_store(path), ContextStore(path)
     a.add("m", ctx(1))
@@ -134,6 +234,9 @@ def test_adding_an_id_another_writer_stored_is_refused_before_queueing(tmp_path)
     with pytest.raises(IdClashError, match="already in the store.*'m'.*nothing was queued"):
         b.add_many(["n", "m"], [ctx(2), ctx(3)])
     assert "n" not in b
+    b.add_many(["n", "m"], [ctx(2), ctx(1)])  # the same contents: counts as written
+    b.close()
+    assert sorted(ContextStore(path)) == ["m", "n", "seed"] and raw_rows(path) == 3
 
 
 def test_append_refuses_other_rows_for_stored_ids(tmp_path):
@@ -144,10 +247,9 @@ def test_append_refuses_other_rows_for_stored_ids(tmp_path):
         store.append(store.encode(["b", "c"], [ctx(3), ctx(4)]))
     assert e.value.committed == ["c"]
     result = store.append(store.encode(["a", "d"], [ctx(1), ctx(5)]))  # "a": the same row, a retried task
-    assert result.committed == ["d"] and result.identical == ["a"] and result.fragment.startswith("part-")
+    assert result.committed == ["d"] and result.identical == ["a"] and result.version == store.version
     back = ContextStore(path)
-    assert sorted(back) == ["a", "b", "c", "d", "seed"]
-    assert torch.equal(back["b"].embeddings, ctx(2).embeddings)
+    assert sorted(back) == ["a", "b", "c", "d", "seed"] and same(back, "b", 2)
     rows = store.encode(["e"], [ctx(6)])
     codes = rows.column("codes").to_pylist()
     bad = rows.set_column(6, "codes", pa.array([codes[0][:-1] + bytes([codes[0][-1] ^ 1])], pa.binary()))
@@ -159,12 +261,15 @@ def test_append_refuses_other_rows_for_stored_ids(tmp_path):
         store.append(pa.concat_tables([rows, rows]))
 
 
+# ----------------------------------------------------------------------------- write tasks and a committer
+
+
 def test_fragment_writer_is_a_light_picklable_handle(tmp_path):
     path = tmp_path / "s"
     store = new_store(path)
-    writer = store.fragment_writer()
-    assert set(vars(writer)) == {"path", "identity"} and len(pickle.dumps(writer)) < 1000
-    copy = pickle.loads(pickle.dumps(writer))
+    handle = store.fragment_writer()
+    assert set(vars(handle)) == {"location", "rules"} and len(pickle.dumps(handle)) < 1000
+    copy = pickle.loads(pickle.dumps(handle))
     assert copy.commit(store.encode(["f1", "f2"], [ctx(1), ctx(2)])).committed == ["f1", "f2"]
     with pytest.raises(IdClashError) as e:
         copy.commit(store.encode(["f2", "f3"], [ctx(9), ctx(3)]))
@@ -173,168 +278,76 @@ def test_fragment_writer_is_a_light_picklable_handle(tmp_path):
     assert (str(back), back.ids, back.committed, back.same_text) == (str(e.value), ["f2"], ["f3"], [])
     assert copy.commit(store.encode(["f3"], [ctx(3)])).identical == ["f3"]
     assert sorted(ContextStore(path)) == ["f1", "f2", "f3", "seed"]
-    ContextStore(tmp_path / "other", codec="float32").add("z", ctx(0))
-    with pytest.raises(StoreError, match="no manifest yet"):
+    with pytest.raises(StoreError, match="no store yet"):
         ContextStore(tmp_path / "new", codec="float32").fragment_writer()
 
 
-# ----------------------------------------------------------------------------- damage
-
-
-def flip(path, offset: int, bit: int = 0) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 1 << bit
-    path.write_bytes(bytes(data))
-
-
-def test_a_flipped_bit_in_codes_names_the_file_and_id(tmp_path):
-    path = tmp_path / "s"
-    with ContextStore(path, codec="float32", flush_every=100) as store:
-        store.add_many([f"id-{i}" for i in range(40)], [ctx(i) for i in range(40)])
-    fragment = fragments(path)[0]
-    code = ctx(33).embeddings.numpy().tobytes()
-    flip(fragment, fragment.read_bytes().index(code) + 100, 3)
-    store = ContextStore(path)
-    assert len(store) == 40  # ids and footer intact: the store opens
-    assert torch.equal(store["id-1"].embeddings, ctx(1).embeddings)  # another row group reads fine
-    with pytest.raises(StoreError, match=f"{fragment.name}: context 'id-33' does not match its checksum"):
-        store.get_many(["id-1", "id-33"])
-
-
-def test_a_flipped_bit_in_the_ids_is_caught_at_open(tmp_path):
-    path = tmp_path / "s"
-    with ContextStore(path, codec="float32", flush_every=100) as store:
-        store.add_many([f"id-{i}" for i in range(40)], [ctx(i) for i in range(40)])
-    fragment = fragments(path)[0]
-    column = pq.ParquetFile(fragment).metadata.row_group(0).column(0)
-    start = column.dictionary_page_offset or column.data_page_offset
-    for offset in range(start + column.total_compressed_size - 12, start + column.total_compressed_size - 4):
-        original = fragment.read_bytes()
-        flip(fragment, offset, 5)
-        with pytest.raises(StoreError, match=fragment.name):
-            len(ContextStore(path))
-        fragment.write_bytes(original)
-
-
-def test_a_flipped_bit_in_a_footer_is_refused_or_harmless(tmp_path):
-    path = tmp_path / "s"
-    keys = [f"id-{i}" for i in range(40)]
-    with ContextStore(path, codec="float16", flush_every=100) as store:
-        store.add_many(keys, [ctx(i) for i in range(40)])
-    fragment = fragments(path)[0]
-    original = fragment.read_bytes()
-    footer = len(original) - 8 - struct.unpack("<I", original[-8:-4])[0]
-    flip(fragment, original.index(b'"store_id": "', footer) + 14)  # the fragment's record of its store
-    with pytest.raises(StoreError, match=f"{fragment.name}: fragment of another store"):
-        len(ContextStore(path))
-    fragment.write_bytes(original)
-    expected = [c.embeddings for c in ContextStore(path).get_many(keys)]
-    for offset in range(footer, len(original) - 8, 23):  # a sample of the footer: refused, or nothing changed
-        flip(fragment, offset, offset % 8)
-        try:
-            got = [c.embeddings for c in ContextStore(path).get_many(keys)]
-        except StoreError as e:
-            assert fragment.name in str(e)
-        else:
-            assert all(torch.equal(g, x) for g, x in zip(got, expected)), offset
-        fragment.write_bytes(original)
-
-
-def test_a_manifest_edited_to_another_codec_is_refused(comp, tmp_path):
-    path = tmp_path / "s"
-    with ContextStore(path, compressor=comp) as store:  # bottleneck-float16
-        store.add_many(["a", "b"], comp.compress(["first text", "second text"]))
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["codec"] |= {"name": "bottleneck-bfloat16", "quantizer": "bfloat16"}  # same size: the codes fit
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(StoreError, match=f"{fragments(path)[0].name}: written with codec 'bottleneck-float16', "
-                                         "but the manifest says 'bottleneck-bfloat16'"):
-        len(ContextStore(path))
-
-
-# ----------------------------------------------------------------------------- the write path
-
-
-def test_stores_keep_the_vectors_the_compressor_made(comp, tmp_path):
-    """A bottleneck store keeps ctx.bottleneck as made on the compressor's device (no host matmul from pooled);
-    from `pooled` alone the head computes it; without either the context is refused."""
-    made = comp.compress(["some text to keep", "another text"])
-    poisoned = [c.to() for c in made]
-    for c in poisoned:
-        c.pooled = torch.full_like(c.pooled, 1e4)  # never read when the bottleneck is there
-    pooled_only = [c.to() for c in made]
-    for c in pooled_only:
-        c.bottleneck = None
-    with ContextStore(tmp_path / "s", compressor=comp, codec="bottleneck-float32") as store:
-        store.add_many(["a", "b"], poisoned)
-        store.add_many(["c", "d"], pooled_only)
-        with pytest.raises(StoreError, match="context 'e': this store keeps bottleneck vectors"):
-            store.add("e", CompressedContext(made[0].embeddings, 5, comp.name, 0, 8,
-                                             encoder_fingerprint=comp.fingerprint))
-    back = ContextStore(tmp_path / "s").get_many(["a", "b", "c", "d"])
-    for got, want in zip(back, made + made):
-        assert (got.embeddings - want.embeddings).abs().max() <= 1e-5
-    big = made[0].to()
-    big.bottleneck = big.bottleneck.bfloat16() * 1e6
-    with pytest.raises(ValueError, match="context 'big': bottleneck vectors: values up to .* do not fit in float16"):
-        ContextStore(tmp_path / "h", compressor=comp).add("big", big)
-
-
-# ----------------------------------------------------------------------------- stores of arccompress 0.2
-
-
-def test_format_2_stores_are_refused_and_converted(comp, tmp_path):
-    old = tmp_path / "old"
-    texts = [f"text number {i}" for i in range(5)]
-    made = comp.compress(texts)
-    with ContextStore(old, compressor=comp, codec="int8", flush_every=3) as store:
-        store.add_many([f"k{i}" for i in range(5)], made)
-    expected = [c.embeddings for c in ContextStore(old).get_many([f"k{i}" for i in range(5)])]
-    manifest = json.loads((old / "manifest.json").read_text())  # rewrite it as arccompress 0.2 wrote it
-    (old / "manifest.json").write_text(json.dumps(manifest | {"version": 2}))
-    for fragment in fragments(old):
-        table = pq.read_table(fragment).drop_columns(["checksum"])
-        ident = {"store_id": manifest["store_id"], "codec": "bottleneck-int8", "encoder_fingerprint": comp.fingerprint}
-        pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(ident).encode()}), fragment)
-    with pytest.raises(StoreError, match="arccompress 0.2 .*`arccompress convert"):
-        ContextStore(old)
-    with pytest.raises(StoreError, match="its own codec, bottleneck-int8"):
-        ContextStore.convert(old, tmp_path / "bad", codec="float16")
-    new = ContextStore.convert(old, tmp_path / "new")
-    assert new.codec.name == "bottleneck-int8" and sorted(new) == [f"k{i}" for i in range(5)]
-    got = ContextStore(tmp_path / "new", compressor=comp).get_many([f"k{i}" for i in range(5)])
-    assert all(torch.equal(g.embeddings, e) for g, e in zip(got, expected))
-    assert with_checksums(pq.read_table(fragments(tmp_path / "new")[0])).equals(
-        pq.read_table(fragments(tmp_path / "new")[0]).replace_schema_metadata(None))
-    assert isinstance(new.fragment_writer(), FragmentWriter)
-    # from the command line too, with no codec given: the 0.2 store keeps its own
-    out = subprocess.run([sys.executable, "-m", "arccompress.cli", "convert", str(old), str(tmp_path / "cli")],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert sorted(ContextStore(tmp_path / "cli")) == [f"k{i}" for i in range(5)]
-
-
-def test_ids_repeated_by_a_writer_ignoring_the_lock(tmp_path):
-    """A fragment made outside the protocol (copied in, an old writer) that repeats a stored id: the first
-    fragment indexed keeps it, and the repeat is counted; a fragment holding an id twice is refused by name."""
-
-    from arccompress.store.format import write_fragment
-
+def test_written_parts_are_committed_once_with_duplicate_ids_across_them(tmp_path):
+    """What a Ray job's driver does: write tasks write data files (invisible), the driver commits them all in
+    one version. An id in two parts is stored by the first part's row: the second counts as written if
+    identical, else is refused, naming it; nothing is committed by a part written but never committed."""
     path = tmp_path / "s"
     store = new_store(path)
-    store.append(store.encode(["a", "b"], [ctx(1), ctx(2)]))
-    first = fragments(path)
-    rows = store.encode(["b", "c"], [ctx(3), ctx(4)])
-    rogue = path / "data" / fragment_name(rows.column("id"))
-    write_fragment(rows, rogue, store.fragment_writer().identity)
-    os.utime(rogue, ns=(first[-1].stat().st_mtime_ns + 10**9,) * 2)  # committed after the others
+    handle = pickle.loads(pickle.dumps(store.fragment_writer()))
+    p1 = handle.write(store.encode(["a", "b", "c"], [ctx(1), ctx(2), ctx(3)]))
+    p2 = handle.write(store.encode(["c", "d"], [ctx(3), ctx(4)]))  # "c" again, identical
+    p3 = handle.write(store.encode(["b", "e"], [ctx(20), ctx(5)]))  # "b" again, other contents
+    orphan = handle.write(store.encode(["z"], [ctx(26)]))  # a task whose part never reaches the committer
+    assert pickle.loads(pickle.dumps(p1)).ids == ["a", "b", "c"] and "z" not in ContextStore(path)
+    before = ContextStore(path).version
+    with pytest.raises(IdClashError, match="'b'") as e:
+        handle.commit_written([p1, p2, p3])
+    assert e.value.ids == ["b"] and sorted(e.value.committed) == ["a", "b", "c", "d", "e"]
     back = ContextStore(path)
-    assert sorted(back) == ["a", "b", "c", "seed"] and back.stats()["duplicates"] == 1
-    assert torch.equal(back["b"].embeddings, ctx(2).embeddings) and torch.equal(back["c"].embeddings, ctx(4).embeddings)
-    twice = pa.concat_tables([store.encode(["d"], [ctx(5)])] * 2)
-    bad = path / "data" / fragment_name(twice.column("id"))
-    write_fragment(twice, bad, store.fragment_writer().identity)
-    for _ in range(2):  # every look names it, and the rest of the index stays as it was
-        with pytest.raises(StoreError, match=f"{bad.name}: an id appears twice"):
-            len(back)
-        assert torch.equal(back["c"].embeddings, ctx(4).embeddings)
+    assert sorted(back) == ["a", "b", "c", "d", "e", "seed"] and same(back, "b", 2) and same(back, "c", 3)
+    assert raw_rows(path) == 6 and back.stats()["duplicates"] == 0 and "z" not in back
+    assert before + 1 <= back.version <= before + 3  # the append, and the deletion of the shadowed rows
+    assert handle.commit_written([p1]).identical == ["a", "b", "c"]  # committed again: written already
+    assert orphan.ids == ["z"]
+
+
+# ----------------------------------------------------------------------------- threads, each with its own handle
+
+
+def test_threads_with_their_own_handles_store_each_id_once(tmp_path, monkeypatch):
+    """On NFS, flock is emulated per process, so two threads of one process were both "inside" the old lock and an
+    id was stored twice. The commit takes no lock now: flock and link are made to fail here, and 4 threads with
+    4 handles race on the same 40 ids, released together: one winner per id, the others told."""
+    import fcntl
+    import os
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the store took a file lock or a hard link")
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    monkeypatch.setattr(os, "link", refused)
+    path = tmp_path / "s"
+    new_store(path)
+    keys = [f"t{i}" for i in range(40)]
+    barrier, outcome = threading.Barrier(4), {}
+
+    def race(w: int) -> None:
+        store = ContextStore(path, flush_every=1000)
+        store.add_many(keys, [ctx(100 * w + i) for i in range(40)])
+        barrier.wait(60)
+        try:
+            store.flush()
+            outcome[w] = (keys, [])
+        except IdClashError as e:
+            outcome[w] = (e.committed, e.ids)
+
+    threads = [threading.Thread(target=race, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(outcome) == 4
+    winners: dict[str, int] = {}
+    for w, (committed, lost) in outcome.items():
+        assert sorted(committed + lost) == sorted(keys)  # told about every id
+        for key in committed:
+            assert key not in winners, f"{key} committed twice"
+            winners[key] = w
+    back = ContextStore(path)
+    assert set(winners) == set(keys) and len(back) == 41 and back.stats()["duplicates"] == 0
+    assert all(same(back, key, 100 * w + int(key[1:])) for key, w in winners.items())

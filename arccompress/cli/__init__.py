@@ -1,4 +1,4 @@
-"""The `arccompress` command: compress, ask, eval, serve, info, convert, demo.
+"""The `arccompress` command: compress, ask, eval, serve, info, convert, store, demo.
 
 Each command lives in its own module (`add_parser` registers it, `run` does it); this module assembles them
 and decides how a failure ends. A user's mistake or the environment's (an `ArcCompressError`, a file the
@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 from ..errors import ArcCompressError
 from ..version import __version__
-from . import ask, compress, demo, evaluate, info, serve
+from . import ask, compress, demo, evaluate, info, serve, store
 
-COMMANDS = (compress, ask, evaluate, serve, info, demo)
+COMMANDS = (compress, ask, evaluate, serve, info, store, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError, NotFoundError
-from .options import add_encoder_options, load_compressor, load_engine, positive_int, resolve_models
+from .options import (add_encoder_options, add_storage_options, load_compressor, load_engine, positive_int,
+                      resolve_models, storage_options)
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -16,7 +17,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     add_encoder_options(p, decoder=True)
     p.add_argument("--question", required=True)
     docs = p.add_mutually_exclusive_group(required=True)
-    docs.add_argument("--store", help="a context store made by `arccompress compress` (with --ids)")
+    docs.add_argument("--store", help="a context store made by `arccompress compress` (with --ids): a folder or an "
+                                      "s3://, gs://, az:// URI")
     docs.add_argument("--files", nargs="+", help="text files to compress as documents")
     docs.add_argument("--text", nargs="+", help="document texts to compress")
     p.add_argument("--ids", nargs="+", help="with --store: the ids of the contexts to read")
@@ -29,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--model", help="with --server: the served model name (default: the only one)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--full-output", action="store_true", help="print everything generated, not only the answer")
+    add_storage_options(p)
     p.set_defaults(run=run)
 
 
@@ -68,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
     comp = load_compressor(args)
     gen = load_engine(args, comp)
     if args.store:
-        if not Path(args.store).is_dir():
+        if not ContextStore.exists(args.store, storage_options=storage_options(args)):
             raise NotFoundError(f"no store at {args.store}")
-        store = ContextStore(args.store, compressor=comp)
+        store = ContextStore(args.store, compressor=comp, storage_options=storage_options(args))
         documents = store.get_many(args.ids or store.keys(), device=comp.device)
     else:
         texts = [Path(f).read_text(encoding="utf-8").strip() for f in args.files] if args.files else \

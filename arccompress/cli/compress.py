@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from .info import print_store
-from .options import add_encoder_options, compressor_kwargs, positive_int, resolve_models
+from .options import add_encoder_options, add_storage_options, compressor_kwargs, positive_int, resolve_models, \
+    storage_options
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -19,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     src.add_argument("--files", nargs="+", help="text files, one document each (id = file path)")
     p.add_argument("--id-field", default="id", help="field holding the id (default: id)")
     p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
-    p.add_argument("--store", required=True, help="the store folder (created or continued)")
+    p.add_argument("--store", required=True,
+                   help="the store (created or continued): a folder or an s3://, gs://, az:// URI")
+    add_storage_options(p)
     p.add_argument("--codec", help="how a new store keeps contexts: bottleneck-float16 (default), int8, pq, float16, "
                                    "encoder-float16, ... (see the README)")
     p.add_argument("--bits-per-dim", type=float, help="pq codec: 2, 1 (default) or 0.5 bits per dimension")
@@ -52,11 +55,12 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine, num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker,
         num_cpus_per_worker=args.num_cpus_per_worker, batch_size=args.batch_size, chunk_size=args.chunk_size,
         on_bad_row=args.on_bad_row, id_field=args.id_field, text_field=args.text_field, address=args.address,
-        show_progress=not args.no_progress, verbose=args.verbose, **compressor_kwargs(args),
+        show_progress=not args.no_progress, verbose=args.verbose, storage_options=storage_options(args),
+        **compressor_kwargs(args),
     )
     print(summary)
     for row in summary.bad_rows[:20]:
         print(f"  left out {row}", file=sys.stderr)
     if len(summary.bad_rows) > 20:
         print(f"  ... and {len(summary.bad_rows) - 20} more bad rows", file=sys.stderr)
-    return print_store(args.store)
+    return print_store(args.store, storage_options(args))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..errors import InputError, NotFoundError
-from .options import add_encoder_options, load_compressor, load_engine, positive_float, positive_int, resolve_models
+from .options import (add_encoder_options, add_storage_options, load_compressor, load_engine, positive_float,
+                      positive_int, resolve_models, storage_options)
 
 
 def fraction(text: str) -> float:
@@ -36,7 +36,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--limit", type=positive_int, help="score only the first N questions (a quick look)")
     p.add_argument("--seed", type=int, default=0, help="which rows become the few-shot examples")
     p.add_argument("--chunk-size", type=positive_int, help="compress passages in chunks of this many tokens")
-    p.add_argument("--store", help="a context store holding the rows' passage_ids (read in compressed mode)")
+    p.add_argument("--store", help="a context store holding the rows' passage_ids (read in compressed mode): a "
+                                   "folder or an s3://, gs://, az:// URI")
+    add_storage_options(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--batch-size", type=positive_int, default=16, help="questions generated together (default 16)")
     p.add_argument("--output", help="folder for predictions (resumable), report.json, report.md, report.png")
@@ -67,13 +69,14 @@ def run(args: argparse.Namespace) -> int:
     # the data, the modes and the store checked before any model is loaded
     modes = parse_modes([m.strip() for m in args.modes.split(",") if m.strip()])
     rows = load_rows(args.data)
-    if args.store and not Path(args.store).is_dir():
+    options = storage_options(args)
+    if args.store and not ContextStore.exists(args.store, storage_options=options):
         raise NotFoundError(f"no store at {args.store}")
     questions = Questions.select(len(rows), shots=args.shots, seed=args.seed, limit=args.limit)
-    check_modes(modes, rows, questions, ContextStore(args.store) if args.store else None)
+    check_modes(modes, rows, questions, ContextStore(args.store, storage_options=options) if args.store else None)
     comp = load_compressor(args)
     gen = load_engine(args, comp)
-    store = ContextStore(args.store, compressor=comp) if args.store else None
+    store = ContextStore(args.store, compressor=comp, storage_options=options) if args.store else None
     report = evaluate(args.data, generator=gen, modes=modes, shots=args.shots, limit=args.limit, seed=args.seed,
                       chunk_size=args.chunk_size, store=store, output=args.output, batch_size=args.batch_size,
                       overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,

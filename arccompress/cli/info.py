@@ -1,4 +1,4 @@
-"""`arccompress info` (a checkpoint or a store) and `arccompress convert` (a 0.1 store, once)."""
+"""`arccompress info` (a checkpoint or a store) and `arccompress convert` (a store of arccompress 0.1 to 0.3, once)."""
 
 from __future__ import annotations
 
@@ -6,23 +6,29 @@ import argparse
 from pathlib import Path
 
 from ..errors import NotFoundError
+from .options import add_storage_options, storage_options
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("info", parents=[common], help="describe an ARC-Encoder checkpoint or a context store")
-    p.add_argument("name", help="hub id or local folder of a checkpoint, or a store folder")
+    p.add_argument("name", help="hub id or local folder of a checkpoint, or a store (a folder or an s3://, gs://, "
+                                "az:// URI)")
     p.add_argument("--backbone-params", help="research layout: the backbone's params.json")
     p.add_argument("--revision", help="hub revision")
     p.add_argument("--token", help="Hugging Face token")
     p.add_argument("--offline", action="store_true", help="use only the local Hugging Face cache")
+    add_storage_options(p)
     p.set_defaults(run=run_info)
 
     p = sub.add_parser("convert", parents=[common],
-                       help="copy a store of arccompress 0.1 or 0.2 into the current format, once")
-    p.add_argument("old", help="the old store (0.1: index.jsonl and safetensors shards; 0.2: store format 2)")
-    p.add_argument("new", help="the new store folder")
+                       help="copy a store of arccompress 0.1, 0.2 or 0.3 into the current format (a Lance dataset), "
+                            "once")
+    p.add_argument("old", help="the old store folder (0.1: index.jsonl and safetensors shards; 0.2 and 0.3: "
+                               "manifest.json and data/*.parquet)")
+    p.add_argument("new", help="the new store: a folder or an s3://, gs://, az:// URI (--storage-option reaches it)")
     p.add_argument("--codec", help="0.1 stores only: a decoder-space codec (float32, float16 (default), bfloat16, "
-                                   "decoder-int8); a 0.2 store keeps its own")
+                                   "decoder-int8); a 0.2 or 0.3 store keeps its own")
+    add_storage_options(p)
     p.set_defaults(run=run_convert)
 
 
@@ -34,23 +40,24 @@ def print_rows(rows: list[tuple[str, str]]) -> int:
     return 0
 
 
-def print_store(path: str | Path) -> int:
+def print_store(path: str | Path, options: dict[str, str] | None = None) -> int:
     from ..store import ContextStore
 
-    store = ContextStore(path)
+    store = ContextStore(path, storage_options=options)
     s = store.stats()
     m = store.manifest or {}
     rows = [
-        ("store", str(path)), ("contexts", f"{s['contexts']:,}"), ("codec", s["codec"]),
+        ("store", f"{path} (version {s['version']})"), ("contexts", f"{s['contexts']:,}"), ("codec", s["codec"]),
         ("encoder", f"{m.get('encoder')} (weights {m.get('encoder_fingerprint')})"),
         ("head", "every head" if m.get("head") is None else str(m.get("head"))),
         ("tokens", f"{s['tokens']:,} -> {s['embeddings']:,} embeddings"),
-        ("on disk", f"{s['data_bytes'] / 1e6:,.2f} MB in {s['fragments']} fragments (+ {s['codec_bytes'] / 1e6:.2f} MB "
-                    "codec file)"),
+        ("on disk", f"{s['data_bytes'] / 1e6:,.2f} MB in {s['fragments']} data files "
+                    f"(+ {s['codec_bytes'] / 1e6:.2f} MB codec file)"),
         ("bytes per token", f"{s['bytes_per_token']:.2f} stored vs {s['text_bytes_per_token']:.2f} of raw UTF-8 text"),
     ]
     if s["duplicates"]:
-        rows.append(("duplicates", f"{s['duplicates']} rows repeat an id (the first written is read)"))
+        rows.append(("shadowed", f"{s['duplicates']} rows repeat an id (the first committed is read; `arccompress "
+                                 "store compact` drops them)"))
     return print_rows(rows)
 
 
@@ -63,8 +70,8 @@ def run_info(args: argparse.Namespace) -> int:
     from ..store import ContextStore
 
     path = Path(args.name)
-    if ContextStore.exists(path):
-        return print_store(path)
+    if "://" in args.name or ContextStore.exists(path):
+        return print_store(args.name, storage_options(args))
     if not path.exists() and not is_hub_id(args.name):
         raise NotFoundError(f"{args.name}: no such folder (neither a context store nor a checkpoint)")
     directory = resolve_folder(args.name, what="checkpoint", revision=args.revision, token=args.token,
@@ -90,5 +97,5 @@ def run_info(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     from ..store import ContextStore
 
-    ContextStore.convert(args.old, args.new, codec=args.codec)
-    return print_store(args.new)
+    ContextStore.convert(args.old, args.new, codec=args.codec, storage_options=storage_options(args))
+    return print_store(args.new, storage_options(args))

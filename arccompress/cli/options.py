@@ -33,6 +33,24 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_storage_options(p: argparse.ArgumentParser) -> None:
+    """--storage-option KEY=VALUE: how to reach a store on an object store (besides the environment's settings)."""
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Lance storage option for a store on an object store, e.g. aws_endpoint=http://host:9000, "
+                        "aws_region=eu-west-1 (repeatable; credentials also come from the environment)")
+
+
+def storage_options(args: argparse.Namespace) -> dict[str, str] | None:
+    """The --storage-option pairs as a dict (None when none was given)."""
+    options = {}
+    for item in getattr(args, "storage_option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--storage-option {item!r}: expected KEY=VALUE")
+        options[key.strip()] = value
+    return options or None
+
+
 def add_encoder_options(p: argparse.ArgumentParser, *, decoder: bool) -> None:
     """--encoder (and --decoder) with --tiny as the alternative, and the encoder's loading options."""
     g = p.add_argument_group("models")

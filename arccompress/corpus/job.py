@@ -2,26 +2,28 @@
 
 Both engines run the same plan: the source is read and checked by the corpus rule of `arccompress.sources`
 (bad rows raise or are left out and reported), ids already stored are left out (a job that died or was stopped
-resumes where it was), and the rows left are cut into work units of `batch_size` consecutive rows, each
-compressed by one `Compressor.compress` call and committed as one fragment. With the same units, device and
-thread count, both engines store exactly the same bytes.
+resumes from what it committed), and the rows left are cut into work units of `batch_size` consecutive rows, each
+compressed by one `Compressor.compress` call and written as one data file of the store: committed at once by the
+local engine, in batches by the Ray engine's driver. With the same units, device and thread count, both engines
+store exactly the same bytes.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..codec import parse_codec
 from ..compressor import check_batching
-from ..errors import InputError, MissingDependencyError
-from ..runtime import interactive_output, progress_bar, resolve_device
+from ..errors import InputError
+from ..extras import require
+from ..console import interactive_output, progress_bar
+from ..devices import resolve_device
 from ..sources import BadRow, CheckedRows, check_bad_row_choice, open_source
 from ..store import ContextStore
-from ..store.format import DATA
 from .worker import EncodeBatch, commit_unit, create_store, load_store
 
 ENGINES = ("local", "ray")
@@ -71,12 +73,14 @@ def compress_corpus(
     address: str | None = None,
     show_progress: bool | None = None,
     verbose: bool = False,
+    storage_options: Mapping[str, str] | None = None,
     **compressor_kwargs: Any,
 ) -> CorpusSummary:
     """Compress every `{id, text}` row of `source` not yet in the store at `store_path`; return a summary.
 
     source: a JSONL or Parquet path (or folder), `arccompress.sources.TextFiles`, a list of `(id, text)` pairs or
     dicts, a `datasets.Dataset` or a Ray `Dataset`. Ids are strs or ints (ints become their decimal text).
+    store_path: a folder or an object store URI (`s3://`, `gs://`, `az://`; `storage_options` reach it).
     on_bad_row="raise" (default) stops at the first bad row, naming it, before anything is compressed; "skip"
     leaves bad rows out and lists them in the summary. A row whose id another row also carries is bad, both.
 
@@ -102,11 +106,11 @@ def compress_corpus(
     if show_progress is None:
         show_progress = interactive_output()
     start = time.perf_counter()
-    settings = dict(codec=codec, bits_per_dim=bits_per_dim, train_size=train_size)
+    settings = dict(codec=codec, bits_per_dim=bits_per_dim, train_size=train_size, storage_options=storage_options)
     if engine == "local":
         store = load_store(store_path, encoder=encoder, **settings, **compressor_kwargs)
         stored = set(store)
-        before_bytes = _data_bytes(store_path)
+        before_bytes = _data_bytes(store)
         create_store(store, (text for _, text in checked.rows(stored)), chunk_size=chunk_size)
         tokens = _run_local(store, work_units(checked.rows(stored), batch_size), len(checked.ids - stored),
                             chunk_size=chunk_size, show_progress=show_progress)
@@ -115,17 +119,20 @@ def compress_corpus(
 
         with quiet_ray(address=address, verbose=verbose):
             resources = Resources.plan(num_workers, num_gpus_per_worker, num_cpus_per_worker)
-            stored = _stored_ids(store_path)
-            before_bytes = _data_bytes(store_path)
+            before = ContextStore(store_path, storage_options=storage_options) \
+                if ContextStore.exists(store_path, storage_options=storage_options) else None
+            stored = set(before) if before is not None else set()
+            before_bytes = _data_bytes(before) if before is not None else 0
             tokens = run_ray_job(work_units(checked.rows(stored), batch_size), store_path, encoder=encoder,
                                  chunk_size=chunk_size, resources=resources, compressor_kwargs=compressor_kwargs,
                                  todo=len(checked.ids - stored), show_progress=show_progress, **settings)
-        store = ContextStore(store_path)
+        store = ContextStore(store_path, storage_options=storage_options)
     store.refresh()
+    now = set(store)
     return CorpusSummary(
-        store=str(store_path), texts=sum(1 for key in checked.ids - stored if key in store),
-        already_stored=len(checked.ids & stored), tokens=tokens, seconds=time.perf_counter() - start,
-        bytes_written=_data_bytes(store_path) - before_bytes, engine=engine, bad_rows=checked.bad_rows,
+        store=str(store_path), texts=len((checked.ids - stored) & now), already_stored=len(checked.ids & stored),
+        tokens=tokens, seconds=time.perf_counter() - start, bytes_written=_data_bytes(store) - before_bytes,
+        engine=engine, bad_rows=checked.bad_rows,
     )
 
 
@@ -158,17 +165,9 @@ def _run_local(store: ContextStore, units: Iterator[tuple[list[str], list[str]]]
 
 
 def _require_ray() -> None:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise MissingDependencyError("engine='ray' (--engine ray) needs Ray: pip install 'arccompress[ray]'") from None
+    require("ray", "engine='ray' (--engine ray)")
 
 
-def _stored_ids(store_path: str | Path) -> set[str]:
-    """Ids in the store at `store_path`; none when there is no store there yet."""
-    return set(ContextStore(store_path)) if ContextStore.exists(store_path) else set()
-
-
-def _data_bytes(store_path: str | Path) -> int:
-    data = Path(store_path) / DATA
-    return sum(f.stat().st_size for f in data.glob("*.parquet")) if data.is_dir() else 0
+def _data_bytes(store: ContextStore) -> int:
+    """The size of a store's data files (0 before it is created)."""
+    return store.stats()["data_bytes"] if store.manifest is not None else 0

@@ -8,7 +8,7 @@ process forked after it was initialised.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +19,20 @@ import torch
 from ..compressor import Compressor
 from ..errors import InputError, InputTypeError, NotFoundError, StoreError
 from ..sources import check_row_text, normalize_id
-from ..store import ContextStore, FragmentWriter, IdClashError
+from ..store import ContextStore, FragmentWriter, IdClashError, Written
 
 
 def load_store(store_path: str | Path, *, encoder: str | Path, codec: str | None = None,
                bits_per_dim: float | None = None, train_size: int = 16384, num_threads: int | None = None,
-               **compressor_kwargs: Any) -> ContextStore:
-    """The store at `store_path` opened with the encoder loaded here (`compressor_kwargs` go to
-    `Compressor.from_pretrained`); StoreError if the store holds another encoder's contexts or another codec.
-    A store that does not exist yet is created by `create_store`."""
+               storage_options: Mapping[str, str] | None = None, **compressor_kwargs: Any) -> ContextStore:
+    """The store at `store_path` (a folder or an object store URI) opened with the encoder loaded here
+    (`compressor_kwargs` go to `Compressor.from_pretrained`); StoreError if the store holds another encoder's
+    contexts or another codec. A store that does not exist yet is created by `create_store`."""
     if num_threads:
         torch.set_num_threads(num_threads)
     comp = Compressor.from_pretrained(encoder, **compressor_kwargs)
-    return ContextStore(store_path, compressor=comp, codec=codec, bits_per_dim=bits_per_dim, train_size=train_size)
+    return ContextStore(store_path, compressor=comp, codec=codec, bits_per_dim=bits_per_dim, train_size=train_size,
+                        storage_options=storage_options)
 
 
 def create_store(store: ContextStore, texts: Iterable[str], *, chunk_size: int | None = None) -> int:
@@ -43,25 +44,47 @@ def create_store(store: ContextStore, texts: Iterable[str], *, chunk_size: int |
 
 
 def commit_unit(writer: FragmentWriter, table: pa.Table) -> tuple[int, int]:
-    """Commit one work unit's rows as one fragment; return (rows the job now holds, their encoder tokens).
+    """Commit one work unit's rows (the local engine); return (rows the job now holds, their encoder tokens)."""
+    return commit_units(writer, [table.column("id").to_pylist()], [table.column("num_tokens").to_pylist()],
+                        lambda: writer.commit(table))
+
+
+def commit_written(writer: FragmentWriter, parts: Sequence[Written]) -> tuple[int, int]:
+    """Commit work units that write tasks wrote as data files, in one version (the Ray engine's driver); return
+    (rows the job now holds, their encoder tokens)."""
+    return commit_units(writer, [p.ids for p in parts], [p.num_tokens for p in parts],
+                        lambda: writer.commit_written(parts))
+
+
+def commit_units(writer: FragmentWriter, ids: list[list[str]], tokens: list[list[int]], commit: Any
+                 ) -> tuple[int, int]:
+    """Run `commit` for these units' rows; return (rows stored, their encoder tokens).
 
     The job left out every id stored before it started, so an id the store already holds was stored by this job:
-    by a write task that died after its commit and was retried (identical rows, which the commit skips), or by one
-    whose actor restarted and compressed the same texts again (`IdClashError.same_text`: the codes differ at float
+    by a unit that was written twice (a retried task: identical rows, which the commit skips), or by one whose
+    actor restarted and compressed the same texts again (`IdClashError.same_text`: the codes differ at float
     rounding). Both count as stored. Any other clash (another text under the id: another job wrote it) fails the
     job, naming the ids."""
     try:
-        result = writer.commit(table)
-        stored = result.committed + result.identical
+        result = commit()
+        stored = set(result.committed + result.identical)
     except IdClashError as e:
         others = [k for k in e.ids if k not in set(e.same_text)]
         if others:
-            raise StoreError(f"{writer.path}: ids already stored with another text: {', '.join(map(repr, others[:5]))}"
-                             f"{' and more' if len(others) > 5 else ''} (another job wrote them); this job stops, "
-                             f"{len(e.committed)} rows of this unit were stored") from None
-        stored = e.committed + e.same_text
-    mine = table.filter(pa.compute.is_in(table.column("id"), value_set=pa.array(stored, pa.string())))
-    return mine.num_rows, int(pa.compute.sum(mine.column("num_tokens")).as_py() or 0)
+            raise StoreError(f"{writer.location}: ids already stored with another text: "
+                             f"{', '.join(map(repr, others[:5]))}{' and more' if len(others) > 5 else ''} (another "
+                             f"job wrote them); this job stops, {len(e.committed)} rows of these units were stored") \
+                from None
+        stored = set(e.committed + e.same_text)
+    counted: set[str] = set()
+    rows = total = 0
+    for keys, counts in zip(ids, tokens):
+        for key, n in zip(keys, counts):
+            if key in stored and key not in counted:  # an id in two units counts once
+                counted.add(key)
+                rows += 1
+                total += n
+    return rows, total
 
 
 class EncodeBatch:
@@ -77,7 +100,8 @@ class EncodeBatch:
     """
 
     def __init__(self, store: str | Path | ContextStore, *, encoder: str | Path | None = None,
-                 chunk_size: int | None = None, num_threads: int | None = None, **compressor_kwargs: Any):
+                 chunk_size: int | None = None, num_threads: int | None = None,
+                 storage_options: Mapping[str, str] | None = None, **compressor_kwargs: Any):
         if isinstance(store, ContextStore):
             if store.compressor is None:
                 raise InputError("EncodeBatch needs a ContextStore opened with compressor=")
@@ -86,7 +110,9 @@ class EncodeBatch:
         elif encoder is None:
             raise InputError("EncodeBatch needs encoder= (a hub id or folder) with a store path")
         self._store = store if isinstance(store, ContextStore) else None
-        self.store_path = str(store.path if isinstance(store, ContextStore) else store)
+        self.store_path = store.location.uri if isinstance(store, ContextStore) else str(store)
+        self.storage_options = dict(store.location.storage_options or {}) if isinstance(store, ContextStore) \
+            else storage_options
         self.encoder = None if encoder is None else str(encoder)
         self.chunk_size = chunk_size
         self.num_threads = num_threads
@@ -100,7 +126,8 @@ class EncodeBatch:
             kwargs = dict(self.compressor_kwargs)
             if rank is not None and kwargs.get("device") is None and torch.cuda.is_available():
                 kwargs["device"] = f"cuda:{rank % torch.cuda.device_count()}"
-            store = load_store(self.store_path, encoder=self.encoder, num_threads=self.num_threads, **kwargs)
+            store = load_store(self.store_path, encoder=self.encoder, num_threads=self.num_threads,
+                               storage_options=self.storage_options, **kwargs)
             if store.manifest is None:
                 raise NotFoundError(f"{self.store_path}: no store there yet; create it first (compress_corpus does, "
                                     "or arccompress.corpus.create_store)")

@@ -8,8 +8,10 @@ and asks the engine:
     reply = qa.answer("Who signed?", [Passage("document 0", text="...", ids=("doc-17",))])
     reply.text, reply.prompt_positions, reply.positions_saved
 
-Documents. A passage whose id is in `store` is read from it (the encoder is not called for it), any other is its
-text compressed; they travel as documents, never as prompt text. With a local engine (`Generator`,
+Documents. A passage whose id is in `store` is read from it (the encoder is not called for it), and so is one
+whose text the store holds (compressed with the same chunk size, under whatever id: `ContextStore.find_texts`,
+so that a retriever's documents find their precomputed contexts without anyone threading ids); any other is its
+text compressed. They travel as documents, never as prompt text. With a local engine (`Generator`,
 `VLLMGenerator`, `VLLMClient`) stored contexts are read here, one `store.get_many` per call, and texts are
 compressed here, one batched call, so the engine receives contexts (and their counts are known before a stream
 starts); `store` defaults to the engine's own. With a service (`ServiceClient`) a stored id travels as
@@ -35,7 +37,7 @@ from os import PathLike
 from typing import Any, Union
 
 from ..context import CompressedContext
-from ..engine import ANSWER_MAX_NEW_TOKENS, Engine, LocalEngine, Sampling
+from ..engines.base import ANSWER_MAX_NEW_TOKENS, Engine, LocalEngine, Sampling
 from ..errors import InputError, InputTypeError
 from ..prompts import ANSWER_END, ContextRef, ContextText, Document, Part, Prompt, fewshot_qa_prompt, normalize_one
 from ..tokenization import check_text
@@ -159,8 +161,7 @@ class DocumentQA:
         """(the passages as prompt parts, in order; how many were read from the store)."""
         parts: list[Document | None] = [None] * len(passages)
         stored: list[tuple[int, str]] = []
-        texts: list[tuple[int, str]] = []
-        from_store = 0
+        texts: list[tuple[int, str, str]] = []  # (place, text as given, text to compress)
         for k, p in enumerate(passages):
             if p.context is not None:
                 if not self.local:
@@ -171,11 +172,7 @@ class DocumentQA:
                 continue
             key = next((i for i in p.ids if self.store is not None and i in self.store), None)
             if key is not None:
-                from_store += 1
-                if self.local:
-                    stored.append((k, key))
-                else:
-                    parts[k] = ContextRef(key)
+                stored.append((k, key))
                 continue
             text = check_text(p.text, f"{p.where}'s text").strip() if p.text is not None else ""
             if not text:
@@ -183,20 +180,32 @@ class DocumentQA:
                 held = "no store is given" if self.store is None else "the store holds none of its ids" if p.ids \
                     else "it has no id"
                 raise InputError(f"{p.where}{named} is empty: it has no text, and {held}")
-            if self.local:
-                texts.append((k, text))
-            else:
+            texts.append((k, p.text, text))
+        if texts and hasattr(self.store, "find_texts"):  # texts stored already, whatever their ids here
+            found = self.store.find_texts([raw for _, raw, _ in texts], chunk_size=self.chunk_size)
+            again = [i for i, (_, raw, text) in enumerate(texts) if found[i] is None and text != raw]
+            if again:  # the text as it would be compressed here (stripped)
+                for i, key in zip(again, self.store.find_texts([texts[i][2] for i in again],
+                                                                chunk_size=self.chunk_size)):
+                    found[i] = key
+            stored += [(k, key) for (k, _, _), key in zip(texts, found) if key is not None]
+            texts = [t for t, key in zip(texts, found) if key is None]
+        if not self.local:  # the service reads its store and compresses
+            for k, key in stored:
+                parts[k] = ContextRef(key)
+            for k, _, text in texts:
                 parts[k] = ContextText(text, self.chunk_size)
+            return parts, len(stored)  # type: ignore[return-value]  # every place is filled
         if stored:
             read = self.store.get_many([key for _, key in stored], device=self.engine.compressor.device)
             for (k, key), ctx in zip(stored, read):
                 self.engine.prompts.check_context(ctx, f"{passages[k].where} (id {key!r}, read from the store)")
                 parts[k] = ctx
         if texts:
-            made = self.engine.compressor.compress([t for _, t in texts], chunk_size=self.chunk_size)
-            for (k, _), ctx in zip(texts, made):
+            made = self.engine.compressor.compress([t for _, _, t in texts], chunk_size=self.chunk_size)
+            for (k, _, _), ctx in zip(texts, made):
                 parts[k] = ctx
-        return parts, from_store  # type: ignore[return-value]  # every place is filled
+        return parts, len(stored)  # type: ignore[return-value]  # every place is filled
 
     def prompt_parts(self, question: str, documents: list[Document], spec: PromptSpec) -> list[Part]:
         """The prompt: the paper's few-shot format (spec None), a template or a function."""

@@ -40,13 +40,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..client import ServiceClient
 from ..compressor import Compressor
-from ..engine import Engine, LocalEngine, Sampling
-from ..errors import InputError, InputTypeError, MissingDependencyError
-from ..generation import Generator
+from ..engines.base import Engine, LocalEngine, Sampling
+from ..engines.remote.service import ServiceClient
+from ..engines.transformers import Generator
+from ..engines.vllm import VLLMGenerator
+from ..errors import InputError, InputTypeError
+from ..extras import missing
 from ..store import ContextStore
-from ..vllm import VLLMGenerator
 from .documents import (DocumentQA, Passage, PromptSpec, Reply, ReplyStream, aiterate, check_prompt, not_a_document,
                         own_passage)
 
@@ -55,8 +56,7 @@ try:
     from haystack.dataclasses import ComponentInfo, StreamingChunk, select_streaming_callback
     from haystack.utils import Secret, deserialize_callable, deserialize_secrets_inplace, serialize_callable
 except ImportError as e:
-    raise MissingDependencyError(f"arccompress.integrations.haystack needs haystack-ai ({e.name} is missing): "
-                                 "pip install 'arccompress[haystack]'") from None
+    raise missing("haystack", "arccompress.integrations.haystack", e) from None
 
 __all__ = ["ArcGenerator"]
 

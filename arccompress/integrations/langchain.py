@@ -28,7 +28,8 @@ from collections.abc import Iterator, Sequence
 from operator import itemgetter
 from typing import Any
 
-from ..errors import InputError, InputTypeError, MissingDependencyError
+from ..errors import InputError, InputTypeError
+from ..extras import missing
 from .documents import DocumentQA, Passage, PromptSpec, Reply, ReplyStream, not_a_document, own_passage
 
 try:
@@ -41,8 +42,7 @@ try:
     from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
     from pydantic import Field, PrivateAttr, model_validator
 except ImportError as e:
-    raise MissingDependencyError(f"arccompress.integrations.langchain needs langchain-core ({e.name} is missing): "
-                                 "pip install 'arccompress[langchain]'") from None
+    raise missing("langchain", "arccompress.integrations.langchain", e) from None
 
 __all__ = ["ArcChatModel", "create_compressed_retrieval_chain"]
 

@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InputTypeError, MissingDependencyError
+from ..errors import InputTypeError
+from ..extras import missing
 from .documents import DocumentQA, Passage, PromptSpec
 
 try:
@@ -38,8 +39,7 @@ try:
     from llama_index.core.settings import Settings
     from llama_index.core.types import RESPONSE_TEXT_TYPE
 except ImportError as e:
-    raise MissingDependencyError(f"arccompress.integrations.llama_index needs llama-index-core ({e.name} is "
-                                 "missing): pip install 'arccompress[llamaindex]'") from None
+    raise missing("llamaindex", "arccompress.integrations.llama_index", e) from None
 
 __all__ = ["ArcResponseSynthesizer"]
 

@@ -2,10 +2,12 @@
 
 A text is checked (characters, then tokens: tokenized once, its ids are what the encoder reads) and looked up in an
 LRU of finished contexts within a budget of bytes (keyed by the text's hash and chunk size: the encoder is the
-service's one), else joins the compression micro-batch of whatever concurrent requests sent (one encoder call
-per batch on the service's device); the same text asked for twice at once is compressed once. Stored ids go
-through a micro-batch of their own: one `get_many` per batch. A context, cached or stored, is the same bytes every
-time it is used, so prompts that share documents share a prefix (vLLM's prefix cache sees it).
+service's one), then in the store by its text (`ContextStore.lookup_texts`: a retriever that returns a precomputed
+document's text gets its stored context, neither tokenized nor compressed again), else joins the compression
+micro-batch of whatever concurrent requests sent (one encoder call per batch on the service's device); the same
+text asked for twice at once is compressed once. Stored ids go through a micro-batch of their own: one `get_many`
+per batch. A context, cached or stored, is the same bytes every time it is used, so prompts that share documents
+share a prefix (vLLM's prefix cache sees it).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ ENTRY_BYTES = 1024  # a cached context's own object, its key and the cache's ent
 @dataclass(frozen=True)
 class TextDocument:
     """A document given as text, checked: its cache key, its encoder tokens (their ids, None when its context was
-    in the cache as it was checked) and the decoder positions its context takes."""
+    in the cache or the store as it was checked), the decoder positions its context takes, and its context when the
+    store held it."""
 
     text: str
     chunk_size: int | None
@@ -43,6 +46,7 @@ class TextDocument:
     ids: list[int] | None = field(repr=False, compare=False)
     tokens: int
     positions: int
+    stored: CompressedContext | None = field(default=None, repr=False, compare=False)
 
 
 def text_key(text: str, chunk_size: int | None) -> tuple[int | None, str]:
@@ -85,8 +89,8 @@ class DocumentResolver:
 
     def check_texts(self, texts: list[tuple[str, int | None, str]]) -> list[TextDocument]:
         """Documents given as (text, chunk_size, where), checked in order of cost: text that UTF-8 can encode and
-        characters (every document), then tokens (one tokenizer call for those not in the cache); a RequestError
-        naming the first one over a limit. Blocking: call it in a worker thread."""
+        characters (every document), then tokens (one tokenizer call for those neither in the cache nor in the
+        store); a RequestError naming the first one over a limit. Blocking: call it in a worker thread."""
         max_chars = self.limits.document_chars
         for text, _, where in texts:
             check_text_or_refuse(text, where)
@@ -95,7 +99,8 @@ class DocumentResolver:
                                    f"of {max_chars:,} per document (checked before tokenizing)", param=where)
         keys = [text_key(text, chunk) for text, chunk, _ in texts]
         known = {k: ctx for k in keys if (ctx := self.cache.peek(k)) is not None}
-        fresh = [i for i, k in enumerate(keys) if k not in known]
+        stored = self._stored([(i, texts[i][0], texts[i][1]) for i, k in enumerate(keys) if k not in known])
+        fresh = [i for i, k in enumerate(keys) if k not in known and i not in stored]
         try:
             encoded = dict(zip(fresh, self.compressor.tokenize([texts[i][0] for i in fresh]))) if fresh else {}
         except (InputError, TypeError) as e:
@@ -104,7 +109,8 @@ class DocumentResolver:
         for i, ((text, chunk, where), key) in enumerate(zip(texts, keys)):
             ids = encoded.get(i)
             if ids is None:
-                out.append(TextDocument(text, chunk, key, None, known[key].num_tokens, known[key].num_embeddings))
+                ctx = stored.get(i) or known[key]
+                out.append(TextDocument(text, chunk, key, None, ctx.num_tokens, ctx.num_embeddings, stored.get(i)))
                 continue
             if not ids:
                 raise RequestError(f"{where}: the document's text has no tokens", param=where)
@@ -113,6 +119,20 @@ class DocumentResolver:
                                    f"{self.limits.max_document_tokens:,} per document", param=where)
             out.append(TextDocument(text, chunk, key, ids, len(ids), self.positions(len(ids), chunk)))
         return out
+
+    def _stored(self, texts: list[tuple[int, str, int | None]]) -> dict[int, CompressedContext]:
+        """The contexts the store holds for these (place, text, chunk size), by place: one lookup per chunk size."""
+        if self.store is None or not texts:
+            return {}
+        by_chunk: dict[int | None, list[tuple[int, str]]] = defaultdict(list)
+        for i, text, chunk in texts:
+            by_chunk[chunk].append((i, text))
+        found = {}
+        for chunk, group in by_chunk.items():
+            contexts = self.store.lookup_texts([text for _, text in group], chunk_size=chunk,
+                                               device=self.compressor.device)
+            found |= {i: ctx for (i, _), ctx in zip(group, contexts) if ctx is not None}
+        return found
 
     def positions(self, tokens: int, chunk_size: int | None) -> int:
         """Decoder positions of the context of `tokens` encoder tokens: the encoder's pooled vectors of each chunk,
@@ -146,6 +166,10 @@ class DocumentResolver:
             self.metrics.documents.labels("store").inc()
             return ctx
         key = doc.key
+        if doc.stored is not None:  # the store held its text: kept in the cache, like a compressed one
+            self.cache.put(key, doc.stored)
+            self.metrics.documents.labels("store").inc()
+            return doc.stored
         cached = self.cache.get(key)
         task = self._in_flight.get(key)
         if cached is not None or task is not None:  # done before, or being done for another request

@@ -1,47 +1,53 @@
-"""ContextStore: compressed contexts keyed by the caller's ids, in Parquet files that data tools read.
+"""ContextStore: compressed contexts keyed by the caller's ids, in a Lance dataset that data tools read.
 
-Layout of a store folder (format 3):
+A store (format 4) is a Lance dataset, on a local disk or an object store (`s3://`, `gs://`, `az://`): data
+files listed by one versioned manifest, B-tree indices on `id` and on the text's hash, the store's description
+in the schema's metadata, the codec file beside (see `format`). Writers on any number of machines add to it at
+once without a lock: each commit is a new version, and each id reads one row, the first committed (see `writer`
+and `table`). Versions can be read back (`version=`), merged (`compact`) and removed (`cleanup`); `verify` reads
+everything and `repair` removes what is damaged.
 
-    manifest.json                    format, codec, what made the contexts (encoder fingerprint, head, sizes)
-    codec-<hash>.safetensors         what reading needs besides the codes: the head's weights, the pq codebook
-    data/part-<hash>.parquet         fragments: one row per context (id, counts, text hash, codes, checksum)
-    .lock                            the commit lock (writers only; readers never lock)
-
-The package, one concept per module: `format` (schema, fragment names, row checksums), `files` (atomic
-creation, temporary files, the lock), `manifest` (identity, codec file), `spaces` (what each codec space
-keeps and how reading applies the head), `index` (fragments and the id index), `reader` (verified reads),
-`writer` (rows from contexts, the queue, the commit, `FragmentWriter`), `states` (a new store and an open
-one), `convert` (stores of arccompress 0.1 and 0.2). `ContextStore` is the face over them.
+The package, one concept per module: `format` (columns, row checksums), `location` (where a store lives, failures
+in the user's terms), `manifest` (identity, codec file), `spaces` (what each codec space keeps and how reading
+applies the head), `table` (a version of the dataset, and which row each id reads), `reader` (verified reads),
+`writer` (rows from contexts, the queue, the commit, `FragmentWriter`), `maintenance` (compaction, indices, old
+versions, verify, repair), `states` (a new store and an open one), `legacy` and `convert` (stores of arccompress
+0.1 to 0.3). `ContextStore` is the face over them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import lance
 import pyarrow as pa
 import torch
 
-from ..codec import DEFAULT_CODEC, Codec
+from ..codec import DEFAULT_CODEC, PQ_MIN_TRAIN, Codec, parse_codec
 from ..compressor import Compressor
 from ..context import CompressedContext
 from ..errors import ContextNotFoundError, InputError, InputTypeError, StoreError
 from ..tokenization import check_text
 from .convert import convert
-from .files import remove_dead_leftovers
-from .format import DATA, MANIFEST, row_schema
+from .format import FIELDS, row_schema
+from .location import Location
+from .maintenance import VerifyReport, cleanup, compact, repair, verify
 from .manifest import Identity
-from .states import NewStore, OpenStore
-from .writer import (Batch, CommitResult, FragmentWriter, IdClashError, Queue, batch_table, checked_rows, context_batch,
-                     show)
+from .states import NewStore, OpenStore, older_format, store_exists
+from .writer import (Batch, CommitResult, FragmentWriter, IdClashError, Queue, Written, batch_table, checked_rows,
+                     context_batch, show)
 
-__all__ = ["CommitResult", "ContextStore", "FragmentWriter", "IdClashError", "row_schema"]
+__all__ = ["CommitResult", "ContextStore", "FragmentWriter", "IdClashError", "VerifyReport", "Written", "row_schema"]
 
 
 class ContextStore:
-    """A folder of compressed contexts keyed by string ids.
+    """A store of compressed contexts keyed by string ids: a local folder or an object store URI.
 
     >>> store = ContextStore("wiki-store", compressor=comp, codec="pq", bits_per_dim=1.0)
     >>> store.add_texts(ids, texts)          # or store.add_many(ids, comp.compress(texts))
@@ -51,11 +57,11 @@ class ContextStore:
     codec: how contexts are kept (see `arccompress.codec`); the default, "bottleneck-float16", keeps the
     head's bottleneck in float16, which the decoder reads exactly as float16 post-head vectors at half
     their size. `dtype=` (arccompress 0.1) means the decoder-space codec of that dtype. A store opened
-    again takes its codec from the manifest.
+    again takes its codec from its description.
 
-    Writers (threads, processes, machines sharing the folder) may add to one store at once: each id is stored
-    once, by the first writer to commit it; a later writer committing it with other contents gets an
-    IdClashError naming it (its other contexts are committed), with identical contents it counts as written.
+    Writers (threads, processes, machines) may add to one store at once, with no lock: each id is stored once, by
+    the first writer to commit it; a later writer committing it with other contents gets an IdClashError naming
+    it (its other contexts are committed), with identical contents it counts as written.
     """
 
     def __init__(
@@ -69,44 +75,63 @@ class ContextStore:
         head: int | str | None = None,
         flush_every: int = 256,
         train_size: int = 16384,
+        storage_options: Mapping[str, str] | None = None,
+        version: int | None = None,
     ):
-        """Open the store at `path`, or prepare a new one there (created on the first flush).
+        """Open the store at `path` (a folder, or an `s3://`, `gs://`, `az://` URI), or prepare a new one there
+        (created on the first flush).
 
         compressor: if given, the store must hold contexts of this encoder (same weights, sizes and head) or
         StoreError is raised; a new store with a bottleneck or encoder codec needs it (reading applies the
         head). head: which decoder head to read an encoder-space store of a two-head encoder with (default:
-        the compressor's). train_size: vectors the pq codebook is trained on (the first ones added, or
-        those of `train`).
+        the compressor's). train_size: vectors the pq codebook is trained on (the first ones added, or those of
+        `train`; at least 256). storage_options: Lance's options for an object store (endpoint, credentials,
+        region; unset ones come from the environment). version: read the store as it was at that version
+        (read-only; see `versions()`).
         """
-        if compressor is not None:
-            if not isinstance(compressor, Compressor):
-                raise InputTypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
+        if compressor is not None and not isinstance(compressor, Compressor):
+            raise InputTypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
         for name, value in (("flush_every", flush_every), ("train_size", train_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive int, not {value!r}")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+            raise InputError(f"version must be a positive int, not {version!r}")
         if dtype is not None:
             if codec is not None:
                 raise InputError("give codec= or dtype=, not both")
             codec = _dtype_name(dtype)
-        self.path = Path(path)
+        if codec is not None and parse_codec(codec)[1] == "pq" and train_size < PQ_MIN_TRAIN:
+            raise InputError(f"train_size must be at least {PQ_MIN_TRAIN} for the pq codec (each sub-quantizer has "
+                             f"{PQ_MIN_TRAIN} centroids to train), not {train_size}")
+        self.location = Location.of(path, storage_options)
+        self.path = self.location.path
         self.compressor = compressor
         self.flush_every = flush_every
         self.train_size = train_size
-        self._lock = threading.RLock()
-        self._queue = Queue()
-        if ContextStore.exists(self.path):
-            self._state: NewStore | OpenStore = OpenStore.open(self.path, compressor, codec, bits_per_dim, head)
+        self._pid, self._own_lock, self._queue = os.getpid(), threading.RLock(), Queue()
+        self._state: NewStore | OpenStore
+        if version is not None or store_exists(self.location):
+            self._state = OpenStore.open(self.location, compressor, codec, bits_per_dim, head, version)
         else:
             if codec is None and compressor is None:
-                raise StoreError(f"{self.path} is a new store: pass compressor= (its default codec, {DEFAULT_CODEC}, "
-                                 "keeps the head's bottleneck), or codec='float16' to keep decoder vectors without one")
-            self._state = NewStore(self.path, compressor, codec or DEFAULT_CODEC, bits_per_dim, head)
-        for folder in (self.path, self.path / DATA):
-            remove_dead_leftovers(folder)
+                raise StoreError(older_format(self.location) or
+                                 f"{self.location} is a new store: pass compressor= (its default codec, "
+                                 f"{DEFAULT_CODEC}, keeps the head's bottleneck), or codec='float16' to keep decoder "
+                                 "vectors without one")
+            self._state = NewStore(self.location, compressor, codec or DEFAULT_CODEC, bits_per_dim, head)
+
+    @property
+    def _lock(self) -> threading.RLock:
+        """This process's lock of the handle. In a process forked from another, the parent's threads are gone, and
+        a lock one of them held (it was committing) would never be released: the child takes a new lock, and an
+        empty queue (the parent commits what it queued)."""
+        if self._pid != os.getpid():
+            self._pid, self._own_lock, self._queue = os.getpid(), threading.RLock(), Queue()
+        return self._own_lock
 
     @property
     def manifest(self) -> dict[str, Any] | None:
-        """The store's manifest (None until the store is created)."""
+        """The store's description: identity, codec, store id (None until the store is created)."""
         return self._state.manifest
 
     @property
@@ -114,29 +139,35 @@ class ContextStore:
         """The store's codec (None until a store made without a compressor receives its first context)."""
         return self._state.codec
 
+    @property
+    def version(self) -> int | None:
+        """The version this handle reads (None until the store is created)."""
+        return self._state.version
+
     # ------------------------------------------------------------------ ids
 
     def refresh(self) -> None:
-        """Index the fragments committed since the last look (by this or any other writer)."""
+        """Look at the latest version: what this and every other writer committed (and, for a store that did
+        not exist yet, whether another writer created it). A store opened at a `version=` stays there."""
         with self._lock:
-            self._state.refresh()
+            self._state = self._state.refreshed()
 
     def __len__(self) -> int:
         with self._lock:
-            self._state.refresh()
-            return self._state.count() + sum(1 for k in self._queue if k not in self._state)
+            self.refresh()
+            return self._state.count() + len(self._state.missing(list(self._queue)))
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
             if key in self._queue or key in self._state:
                 return True
-            self._state.refresh()  # another writer may have added it
+            self.refresh()  # another writer may have added it
             return key in self._state
 
     def __iter__(self) -> Iterator[str]:
         with self._lock:
-            self._state.refresh()
-            keys = list(self._state.ids()) + [k for k in self._queue if k not in self._state]
+            self.refresh()
+            keys = list(self._state.ids()) + self._state.missing(list(self._queue))
         return iter(keys)
 
     def keys(self) -> list[str]:
@@ -158,7 +189,7 @@ class ContextStore:
     def get_many(
         self, keys: Sequence[str], *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> list[CompressedContext]:
-        """The contexts stored under `keys`, in that order (e.g. a retriever's top-k): one read per row group,
+        """The contexts stored under `keys`, in that order (e.g. a retriever's top-k): one index lookup and read,
         every row's checksum verified, the head applied on `device`."""
         if isinstance(keys, str):
             raise InputTypeError("get_many takes a list of ids; use store[id] for one")
@@ -166,37 +197,127 @@ class ContextStore:
         if not keys:
             return []
         with self._lock:
-            missing = [k for k in keys if k not in self]
-            if missing:
-                raise ContextNotFoundError(f"not in {self.path}: {show(missing)}")
-            state = self._state
-            head = state.read_head
-            if not state.space.cont_stored and head is None:
-                raise StoreError(f"{self.path} keeps encoder vectors for several decoder heads: choose one with "
-                                 "ContextStore(..., head=) or compressor=")
             unique = list(dict.fromkeys(keys))
-            found = state.read([k for k in unique if k not in self._queue])  # id -> (row fields, stored vectors)
-            found |= {k: self._queue.get(k) for k in unique if k in self._queue}
-            vectors = [found[k][1] for k in unique]
-            device = torch.device(device)
-            rows = state.space.rows(torch.cat(vectors).to(device, torch.float32), [v.shape[0] for v in vectors],
-                                    head, state.heads)
-            decoded = dict(zip(unique, rows))
+            found = {k: self._queue.get(k) for k in unique if k in self._queue}
+            found |= self._state.read([k for k in unique if k not in found])  # id -> (row fields, stored vectors)
+            if len(found) < len(unique):  # another writer may have added them
+                self.refresh()
+                found |= self._state.read([k for k in unique if k not in found])
+            missing = [k for k in unique if k not in found]
+            if missing:
+                raise ContextNotFoundError(f"not in {self.location}: {show(missing)}")
+            return self._decoded(found, keys, device, dtype)
+
+    def contexts(self, rows: pa.Table, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+                 ) -> list[CompressedContext]:
+        """The contexts of rows of this store read by another tool (a LanceDB vector search, a DuckDB query over
+        `dataset()`), in their order: every row's checksum verified, the head applied on `device`. The rows are
+        taken as they are; `get_many(ids)` reads the row each id reads."""
+        if not isinstance(rows, pa.Table):
+            raise InputTypeError(f"rows must be a pyarrow Table, not {type(rows).__name__}")
+        missing = [c for c in FIELDS if c not in rows.column_names]
+        if missing:
+            raise InputError(f"rows of {self.location} need the store's columns; these are missing: {missing}")
+        with self._lock:
+            state = self._state.opened("decoding rows")
+            found = state.reader.decode(rows.select(list(FIELDS)), str(self.location))
+            return self._decoded(found, rows.column("id").to_pylist(), device, dtype)
+
+    def _decoded(self, found: dict[str, tuple[dict[str, Any], torch.Tensor]], keys: list[str],
+                 device: torch.device | str, dtype: torch.dtype | None) -> list[CompressedContext]:
+        """Contexts of `keys` from their rows and stored vectors: the head applied where the caller wants them."""
+        state = self._state
+        head = state.read_head
+        if not state.space.cont_stored and head is None:
+            raise StoreError(f"{self.location} keeps encoder vectors for several decoder heads: choose one with "
+                             "ContextStore(..., head=) or compressor=")
+        unique = list(dict.fromkeys(keys))
+        vectors = [found[k][1] for k in unique]
+        device = torch.device(device)
+        rows = state.space.rows(torch.cat(vectors).to(device, torch.float32), [v.shape[0] for v in vectors],
+                                head, state.heads)
+        decoded = dict(zip(unique, rows))
         ident = state.identity
         return [CompressedContext(
             embeddings=decoded[k] if dtype is None else decoded[k].to(dtype), num_tokens=found[k][0]["num_tokens"],
             encoder=ident.encoder, head=head if head is not None else 0, pooling_factor=ident.pooling_factor,
             chunk_size=found[k][0]["chunk_size"], encoder_fingerprint=ident.encoder_fingerprint or None) for k in keys]
 
+    def find_texts(self, texts: Sequence[str], *, chunk_size: int | None = None) -> list[str | None]:
+        """The id of a stored context of each text (compressed whole, or with this `chunk_size`), None for texts the
+        store does not hold: a lookup of the texts' SHA-256 in the index on `text_sha256`."""
+        if isinstance(texts, str):
+            raise InputTypeError("find_texts takes a list of texts")
+        hashes = [hashlib.sha256(check_text(t, f"text {i}").encode("utf-8")).hexdigest()
+                  if isinstance(t, str) else _not_text(t, i) for i, t in enumerate(texts)]
+        with self._lock:
+            found = self._state.find_texts(list(dict.fromkeys(hashes)), chunk_size)
+            if len(found) < len(set(hashes)):  # another writer may have added them
+                self.refresh()
+                found |= self._state.find_texts([h for h in dict.fromkeys(hashes) if h not in found], chunk_size)
+        return [found.get(h) for h in hashes]
+
+    def lookup_texts(self, texts: Sequence[str], *, chunk_size: int | None = None,
+                     device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+                     ) -> list[CompressedContext | None]:
+        """The stored context of each text already in the store (compressed whole, or with this `chunk_size`),
+        None for the others: what a retriever's documents need when nobody kept their ids."""
+        ids = self.find_texts(texts, chunk_size=chunk_size)
+        present = list(dict.fromkeys(k for k in ids if k is not None))
+        read = dict(zip(present, self.get_many(present, device=device, dtype=dtype))) if present else {}
+        return [None if k is None else read[k] for k in ids]
+
     def stats(self) -> dict[str, Any]:
         """Sizes on disk next to the raw text's: the paper's storage claim, on your data."""
         with self._lock:
-            self._state.refresh()
+            self.refresh()
             s = self._state.stats()
         tokens, text, disk = s["tokens"], s["text_bytes"], s["data_bytes"]
         return s | {"bytes_per_token": disk / tokens if tokens else 0.0,
                     "text_bytes_per_token": text / tokens if tokens else 0.0,
                     "size_vs_text": disk / text if text else float("nan")}
+
+    def dataset(self) -> lance.LanceDataset:
+        """The Lance dataset at this handle's version: a pyarrow Dataset that DuckDB, polars and Ray read (every
+        row, a rare shadowed one included: see `table`)."""
+        with self._lock:
+            return self._state.opened("reading it as a dataset").table.ds
+
+    def versions(self) -> list[dict[str, Any]]:
+        """The versions kept (each: `version`, `timestamp`, ...), oldest first: what `version=` can open."""
+        return self._state.opened("listing versions").table.ds.versions()
+
+    # ------------------------------------------------------------------ upkeep
+
+    def verify(self) -> VerifyReport:
+        """Read every row of this version: each data file readable, each row matching its checksum; the damaged
+        files with their ids (see `arccompress store verify`)."""
+        state = self._state.opened("verifying it")
+        return verify(self.location, state.rules.bytes_per_vector, state.rules.cont_stored, state.version)
+
+    def repair(self, report: VerifyReport | None = None) -> dict[str, Any]:
+        """Commit a version without the damaged files and rows (`report`, else a new `verify()` of the latest
+        version); returns {"version", "ids": the ids to compute again, "unknown_rows"}."""
+        with self._lock:
+            self._state = self._state.refreshed()
+            state = self._state.opened("repairing it")
+            result = repair(self.location, report or verify(self.location, state.rules.bytes_per_vector,
+                                                            state.rules.cont_stored))
+            self.refresh()
+            return result
+
+    def compact(self) -> dict[str, Any]:
+        """Drop shadowed rows, merge small data files, bring the indices up to date (a new version)."""
+        with self._lock:
+            self._state.opened("compacting it")
+            result = compact(self.location)
+            self.refresh()
+            return result
+
+    def cleanup(self, older_than: timedelta = timedelta(days=7)) -> dict[str, Any]:
+        """Remove versions older than `older_than` (never the latest) and the files only they use."""
+        self._state.opened("cleaning it up")
+        return cleanup(self.location, older_than)
 
     # ------------------------------------------------------------------ writing
 
@@ -212,8 +333,8 @@ class ContextStore:
         for key, ctx in zip(keys, contexts):
             if not reference.matches(ctx, every_head=every_head):
                 mismatch = reference.mismatch(Identity.of_context(ctx), every_head=every_head)
-                raise StoreError(f"context {key!r} does not belong in {self.path}: {mismatch} (store made by encoder "
-                                 f"{reference.encoder!r})")
+                raise StoreError(f"context {key!r} does not belong in {self.location}: {mismatch} (store made by "
+                                 f"encoder {reference.encoder!r})")
         return reference
 
     def _batch(self, keys: Sequence[str], contexts: Sequence[CompressedContext]) -> Batch | None:
@@ -240,33 +361,63 @@ class ContextStore:
         self.add_many([key], [ctx])
 
     def add_many(self, keys: Sequence[str], contexts: Sequence[CompressedContext]) -> None:
-        """Queue several contexts; all are checked before any is queued. Ids already stored are refused
-        (IdClashError)."""
+        """Queue contexts, committed `flush_every` at a time. All or nothing: every context is checked before
+        any is queued, ids already stored with other contents are refused (IdClashError, nothing queued), ids
+        stored with identical contents count as written; if a commit fails, the contexts of this call that it
+        did not commit leave the queue (the call may be retried as it was)."""
         with self._lock:
-            keys = list(keys)
-            self._state.refresh()  # once: what other writers committed
-            stored = [k for k in keys if isinstance(k, str) and (k in self._queue or k in self._state)]
-            if stored:
-                raise IdClashError(f"already in the store {self.path}: {show(stored)}; nothing was queued",
-                                   stored, [], [])
+            if isinstance(self._state, OpenStore):
+                self._state.opened("adding contexts")  # a store opened at a version is read-only
             batch = self._batch(keys, contexts)
-            clash, first = None, 0
-            while batch is not None and first < len(batch):  # a fragment every flush_every contexts
-                room = self.flush_every - len(self._queue)
-                last = min(len(batch), first + (room if room > 0 else self.flush_every))
-                self._queue.add(batch.slice(first, last))
-                first = last
-                if len(self._queue) >= self.flush_every and clash is None:
-                    try:
-                        self._flush(explicit=False)
-                    except IdClashError as e:  # the rest stays queued: committed by the next flush
-                        clash = e
-            if clash is not None:
-                raise clash
+            if batch is None:
+                return
+            queued = [k for k in batch.keys if k in self._queue]
+            if queued:
+                raise IdClashError(f"already queued in {self.location}: {show(queued)}; nothing was queued",
+                                   queued, [], [])
+            self.refresh()  # once: what other writers committed
+            batch = self._unstored(batch)
+            committed: list[str] = []
+            first = 0
+            try:
+                while first < len(batch):  # a commit every flush_every contexts
+                    room = self.flush_every - len(self._queue)
+                    last = min(len(batch), first + max(room, 1))
+                    self._queue.add(batch.slice(first, last))
+                    first = last
+                    if len(self._queue) >= self.flush_every:
+                        committed += self._flush(explicit=False)
+            except IdClashError as e:
+                self._queue.remove(batch.keys)
+                raise IdClashError(f"{e}; {len(batch) - first} contexts of this call were not queued: add them "
+                                   "again", e.ids, e.same_text, committed + e.committed) from None
+            except BaseException:
+                self._queue.remove(batch.keys)
+                raise
+
+    def _unstored(self, batch: Batch) -> Batch:
+        """The batch without ids the store holds identically; IdClashError for ids it holds otherwise."""
+        if not isinstance(self._state, OpenStore):
+            return batch
+        present = set(batch.keys) - set(self._state.missing(batch.keys))
+        stored = [i for i, k in enumerate(batch.keys) if k in present]
+        if not stored:
+            batch.absent_at = self._state.version
+            return batch
+        ours = batch_table(batch.select(stored), self._state.codec)
+        theirs = self._state.table.rows(ours.column("id").to_pylist(), ["checksum"])
+        other = [k for k, c in zip(ours.column("id").to_pylist(), ours.column("checksum").to_pylist())
+                 if theirs[k]["checksum"] != c]
+        if other:
+            raise IdClashError(f"already in the store {self.location} with other contents: {show(other)}; nothing "
+                               "was queued", other, [], [])
+        rest = batch.select([i for i in range(len(batch)) if i not in set(stored)])
+        rest.absent_at = self._state.version
+        return rest
 
     def add_texts(self, keys: Sequence[str], texts: Sequence[str], *, chunk_size: int | None = None,
                   **compress_kwargs: Any) -> None:
-        """Compress texts with the store's compressor and queue them under `keys` (ids already stored are an error)."""
+        """Compress texts with the store's compressor and queue them under `keys` (see `add_many`)."""
         comp = self._require_compressor("add_texts")
         keys, texts = list(keys), list(texts)
         if len(keys) != len(texts):
@@ -284,8 +435,8 @@ class ContextStore:
             return used
 
     def create(self) -> None:
-        """Write the store's manifest now, before anything is added (a pq store is created by `train`): what
-        parallel writers need to exist before they start."""
+        """Create the store now, before anything is added (a pq store is created by `train`): what parallel
+        writers need to exist before they start."""
         with self._lock:
             self._state = self._state.create()
 
@@ -295,51 +446,55 @@ class ContextStore:
         return self.compressor
 
     def flush(self) -> None:
-        """Commit the queued contexts as one fragment (training the pq codebook first, if it has none yet).
+        """Commit the queued contexts as one new version (training the pq codebook first, if it has none yet).
 
         IdClashError if another writer committed some of their ids first with other contents: those leave the
-        queue, the others are committed."""
-        self._flush(explicit=True)
-
-    def _flush(self, explicit: bool) -> None:
+        queue, the others are committed. Any other failure leaves the queue as it was: flush again."""
         with self._lock:
-            if not self._queue:
-                return
-            state = self._state.ready(self._queue, explicit, self.train_size)
-            if state is None:
-                return  # keep collecting: the codebook is trained on the first train_size vectors
-            self._state = state
-            table = self._queue.table(state.codec)
-            try:
-                state.commit(table)
-            except IdClashError:
-                self._queue.clear()  # the refused ids leave the queue; the rest is committed
-                raise
-            self._queue.clear()
+            self._flush(explicit=True)
+
+    def _flush(self, explicit: bool) -> list[str]:
+        if not self._queue:
+            return []
+        state = self._state.ready(self._queue, explicit, self.train_size)
+        if state is None:
+            return []  # keep collecting: the codebook is trained on the first train_size vectors
+        self._state = state
+        table = self._queue.table(state.codec)
+        try:
+            result = state.commit(table, self._queue.absent_at())
+        except IdClashError:
+            self._queue.clear()  # the refused ids leave the queue; the rest is committed
+            raise
+        self._queue.clear()
+        return result.committed + result.identical
 
     def encode(self, keys: Sequence[str], contexts: Sequence[CompressedContext]) -> pa.Table:
-        """Rows of the store's Parquet format for these contexts (a pyarrow Table), without writing them:
-        what parallel workers produce and `append` (or a `FragmentWriter`) commits. The store must exist."""
+        """Rows of the store's format for these contexts (a pyarrow Table), without writing them: what parallel
+        workers produce and `append` (or a `FragmentWriter`) commits. The store must exist."""
         with self._lock:
             state = self._state.opened("encoding rows")
             batch = self._batch(keys, contexts)
             return batch_table(batch, state.codec) if batch is not None else row_schema().empty_table()
 
     def append(self, table: pa.Table) -> CommitResult:
-        """Commit a table of rows (from `encode`) as one fragment. Ids already stored with identical rows (a
+        """Commit a table of rows (from `encode`) as one version. Ids already stored with identical rows (a
         retried task) are skipped as written; ids stored with other contents are refused with IdClashError,
         after the other rows are committed."""
         with self._lock:
             state = self._state.opened("appending rows")
-            return state.commit(checked_rows(table, state.fragment_identity))
+            return state.commit(checked_rows(table, state.rules))
 
     def fragment_writer(self) -> FragmentWriter:
-        """A light, picklable handle committing rows to this store (what a Ray write task holds): it carries the
-        store's path and identity only, and builds its own id index once per process."""
+        """A light, picklable handle writing and committing rows to this store (what a Ray write task holds): it
+        carries the store's location and row rules only."""
         return self._state.opened("making a fragment writer").fragment_writer()
 
     def close(self) -> None:
-        self.flush()
+        """Flush, and let go of the dataset's open files and caches (a later call opens it again)."""
+        with self._lock:
+            self.flush()
+            self._state.release()
 
     def __enter__(self) -> ContextStore:
         return self
@@ -349,23 +504,26 @@ class ContextStore:
             self.close()
 
     def __repr__(self) -> str:
-        return f"ContextStore({str(self.path)!r}, {len(self)} contexts, codec={self._state.codec_label})"
+        return f"ContextStore({self.location.uri!r}, {len(self)} contexts, codec={self._state.codec_label})"
 
-    # ------------------------------------------------------------------ older stores
+    # ------------------------------------------------------------------ where stores are
 
     @staticmethod
-    def exists(path: str | Path) -> bool:
-        """Whether a store was created at `path` (its manifest is there)."""
-        return (Path(path) / MANIFEST).is_file()
+    def exists(path: str | Path, *, storage_options: Mapping[str, str] | None = None) -> bool:
+        """Whether a store was created at `path` (of this format, or an older one that `convert` reads)."""
+        location = Location.of(path, storage_options)
+        return older_format(location) is not None or store_exists(location)
 
     @classmethod
-    def convert(cls, old: str | Path, new: str | Path, *, codec: str | None = None, **kwargs: Any) -> ContextStore:
-        """Copy a store of arccompress 0.1 (safetensors shards + index.jsonl) or 0.2 (format 2) into a new store.
+    def convert(cls, old: str | Path, new: str | Path, *, codec: str | None = None,
+                storage_options: Mapping[str, str] | None = None, **kwargs: Any) -> ContextStore:
+        """Copy a store of arccompress 0.1 (safetensors shards + index.jsonl), 0.2 (format 2) or 0.3 (format 3,
+        Parquet files) into a new store at `new` (a folder or an object store URI).
 
         A 0.1 store kept decoder-space vectors, so the new one keeps them too (codec "float32", "float16" (the
-        default), "bfloat16", "decoder-int8" or "decoder-pq"). A 0.2 store is copied with its own codec, its
-        codes unchanged, a checksum added to every row."""
-        return convert(cls, Path(old), Path(new), codec, kwargs)
+        default), "bfloat16", "decoder-int8" or "decoder-pq"). A 0.2 or 0.3 store is copied with its own codec,
+        its codes unchanged (0.2's rows gain their checksums), each id's row the one the old store read."""
+        return convert(cls, Path(old), Location.of(new, storage_options), codec, kwargs)
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
@@ -373,3 +531,7 @@ def _dtype_name(dtype: str | torch.dtype) -> str:
     if name not in ("float32", "float16", "bfloat16"):
         raise InputError(f"storage dtype must be one of bfloat16, float16, float32, not {dtype!r}")
     return name
+
+
+def _not_text(value: Any, i: int) -> str:
+    raise InputTypeError(f"text {i} is a {type(value).__name__}, not a str")

@@ -1,10 +1,9 @@
-"""A store's manifest: what made its contexts (identity), its codec, and the codec file (head weights, pq codebook).
+"""A store's description: what made its contexts (identity), its codec, and the codec file (head weights, pq codebook).
 
-    manifest.json               format, version, store id, identity, codec; the codec file's name and SHA-256
-    codec-<sha256>.safetensors  what reading needs besides the codes: the head weights, the pq codebook
-
-Both are created once, atomically (written aside, then hard-linked into place, which fails if another
-writer got there first: that writer's manifest is then the store's).
+The description is JSON in the Lance schema's metadata (`arccompress`), written once with the dataset's first
+version; the codec file, `_arccompress/codec-<sha256>.safetensors`, is named by its contents and written before
+the dataset exists, so a reader who sees the dataset finds it. The codec file is checked against its SHA-256
+whenever the store is opened.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import json
 import math
 import uuid
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,23 +23,9 @@ from ..context import CompressedContext
 from ..errors import InputError, StoreError
 from ..heads import DecoderHead
 from ..version import __version__
-from .files import create_exclusive
-from .format import FORMAT, MANIFEST, VERSION, FragmentIdentity
+from .format import CODEC_FOLDER, FORMAT, METADATA_KEY, VERSION
+from .location import Location
 from .spaces import SPACES, Space
-
-CONVERT = "convert it once with `arccompress convert {old} NEW_STORE` (or ContextStore.convert)"
-
-
-def read_json(folder: Path) -> dict[str, Any]:
-    """The manifest file's contents, if it is an arccompress store manifest (of any format version)."""
-    path = folder / MANIFEST
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"{path}: unreadable ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise StoreError(f"{path}: not an arccompress store manifest")
-    return data
 
 
 @dataclass(frozen=True)
@@ -96,7 +80,7 @@ class Identity:
 
 @dataclass
 class Manifest:
-    """An open store's manifest, codec and head weights (float32, on the CPU)."""
+    """An open store's description, codec and head weights (float32, on the CPU)."""
 
     data: dict[str, Any]
     codec: Codec
@@ -105,61 +89,56 @@ class Manifest:
     heads: dict[int, DecoderHead]
 
     @property
-    def fragments(self) -> FragmentIdentity:
-        """What each of the store's fragments records."""
-        c = self.codec
-        return FragmentIdentity(self.data["store_id"], c.name, c.bits_per_dim, c.dim, c.bytes_per_vector,
-                                self.space.cont_stored, self.identity.encoder_fingerprint,
-                                self.data.get("codec_sha256"))
+    def store_id(self) -> str:
+        return self.data["store_id"]
 
     # ------------------------------------------------------------------ reading
 
     @classmethod
-    def read(cls, folder: Path) -> Manifest:
-        data = read_json(folder)
-        version = data.get("version")
-        if version == 1 or (folder / "index.jsonl").exists():
-            raise StoreError(f"{folder} is an arccompress 0.1 store: " + CONVERT.format(old=folder))
-        if version == 2:
-            raise StoreError(f"{folder} is a store of arccompress 0.2 (format 2, without checksums): "
-                             + CONVERT.format(old=folder) + "; its codes are copied as they are")
-        if version != VERSION:
-            raise StoreError(f"{folder / MANIFEST}: store format {version!r}; this arccompress reads format {VERSION}")
-        return cls.parse(folder, data)
+    def read(cls, location: Location, metadata: dict[bytes, bytes] | None) -> Manifest:
+        """The description in a Lance schema's metadata, checked, with its codec file."""
+        try:
+            data = json.loads((metadata or {})[METADATA_KEY])
+        except (KeyError, ValueError) as e:
+            raise StoreError(f"{location}: a Lance dataset without a readable arccompress description ({e!r}): "
+                             "not a context store") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise StoreError(f"{location}: not an arccompress store (its schema's metadata says otherwise)")
+        if data.get("version") != VERSION:
+            raise StoreError(f"{location}: store format {data.get('version')!r}; this arccompress reads format "
+                             f"{VERSION}")
+        return cls.parse(str(location), data, lambda d: _codec_file(location, d))
 
     @classmethod
-    def parse(cls, folder: Path, data: dict[str, Any]) -> Manifest:
-        """The manifest `data` of the store at `folder`, checked, with its codec file."""
-        path = folder / MANIFEST
+    def parse(cls, where: str, data: dict[str, Any], codec_file: Any) -> Manifest:
+        """The description `data` of the store at `where`, checked; `codec_file(data)` gives its tensors."""
         required = {"store_id": str, "codec": dict, "encoder": str, "encoder_fingerprint": str, "hidden_size": int,
                     "pooling_factor": int, "encoder_dim": int, "bottleneck_dim": int}
         for key, kind in required.items():
             if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
-                raise StoreError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+                raise StoreError(f"{where}: description field {key!r} is missing or not a {kind.__name__}")
         if data.get("head") is not None and not isinstance(data["head"], int):
-            raise StoreError(f"{path}: field 'head' must be an int or null")
+            raise StoreError(f"{where}: description field 'head' must be an int or null")
         identity = Identity.of_manifest(data | {"head": data.get("head")})
-        codec, space = _codec(data, identity, path)
-        tensors = _codec_file(folder, data)
+        codec, space = _codec(data, identity, where)
+        tensors = codec_file(data)
+        name = f"{where}/{data.get('codec_file')}"
         if codec.quantizer == "pq":
             book = tensors.get("codebook")
             want = (codec.num_subquantizers, 256, codec.dim // codec.num_subquantizers)
             if book is None or tuple(book.shape) != want:
-                raise StoreError(f"{folder / str(data.get('codec_file'))}: pq codebook missing or not {list(want)}")
+                raise StoreError(f"{name}: pq codebook missing or not {list(want)}")
             codec.codebook = book.float()
         kept = {int(key[4:].partition(".")[0]) for key in tensors if key.startswith("head")}
-        heads = {}
-        for h in space.heads_kept(identity.head, len(kept)):
-            heads[h] = _head(tensors, h, identity, folder / str(data.get("codec_file")))
+        heads = {h: _head(tensors, h, identity, name) for h in space.heads_kept(identity.head, len(kept))}
         return cls(data, codec, space, identity, heads)
 
     # ------------------------------------------------------------------ creating
 
     @classmethod
-    def create(cls, folder: Path, identity: Identity, codec: Codec, space: Space, heads: dict[int, DecoderHead],
-               trained_on: int | None) -> Manifest:
-        """Write the codec file and the manifest; return the store's manifest: this one, or that of a writer that
-        created the store first."""
+    def describe(cls, identity: Identity, codec: Codec, space: Space, heads: dict[int, DecoderHead],
+                 trained_on: int | None) -> tuple[Manifest, bytes | None]:
+        """A new store's description, and its codec file's bytes (None when reading needs none)."""
         data = {"format": FORMAT, "version": VERSION, "store_id": uuid.uuid4().hex, "encoder": identity.encoder,
                 "encoder_fingerprint": identity.encoder_fingerprint, "hidden_size": identity.hidden_size,
                 "pooling_factor": identity.pooling_factor, "encoder_dim": identity.dims["encoder"],
@@ -175,61 +154,69 @@ class Manifest:
             for name, tensor in head.weights().items():
                 as_bf16 = tensor.to(torch.bfloat16)  # half the bytes when exact (the released weights are bfloat16)
                 tensors[f"head{h}.{name}"] = as_bf16 if torch.equal(as_bf16.float(), tensor) else tensor.contiguous()
-        folder.mkdir(parents=True, exist_ok=True)
+        blob = None
         if tensors:
             blob = save(tensors)
             digest = hashlib.sha256(blob).hexdigest()
-            data |= {"codec_file": f"codec-{digest[:16]}.safetensors", "codec_sha256": digest}
-            try:
-                create_exclusive(folder / data["codec_file"], blob)
-            except FileExistsError:
-                pass  # the same bytes, named by their hash (checked whenever the store is opened)
-        try:
-            create_exclusive(folder / MANIFEST, json.dumps(data, indent=2, ensure_ascii=False).encode())
-        except FileExistsError:
-            return cls.read(folder)
-        return cls(data, codec, space, identity, heads)
+            data |= {"codec_file": f"{CODEC_FOLDER}/codec-{digest[:16]}.safetensors", "codec_sha256": digest,
+                     "codec_bytes": len(blob)}
+        return cls(data, codec, space, identity, heads), blob
+
+    def metadata(self) -> dict[bytes, bytes]:
+        """The description as a Lance schema's metadata."""
+        return {METADATA_KEY: json.dumps(self.data, ensure_ascii=False).encode()}
 
 
-def _codec(data: dict[str, Any], identity: Identity, path: Path) -> tuple[Codec, Space]:
+def _codec(data: dict[str, Any], identity: Identity, where: str) -> tuple[Codec, Space]:
     spec = data["codec"]
     try:
         space, quantizer = parse_codec(f"{spec['space']}-{spec['quantizer']}")
         codec = Codec(space, quantizer, int(spec["dim"]), spec.get("bits_per_dim"))
     except (KeyError, TypeError, ValueError) as e:
-        raise StoreError(f"{path}: bad codec description {spec!r} ({e})") from None
+        raise StoreError(f"{where}: bad codec description {spec!r} ({e})") from None
     if codec.dim != identity.dims[space] or spec.get("bytes_per_vector") != codec.bytes_per_vector:
-        raise StoreError(f"{path}: codec dims {spec!r} do not match the store's sizes")
+        raise StoreError(f"{where}: codec dims {spec!r} do not match the store's sizes")
     return codec, SPACES[space]
 
 
-def _codec_file(folder: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _codec_file(location: Location, data: dict[str, Any]) -> dict[str, torch.Tensor]:
     name = data.get("codec_file")
     if name is None:
         return {}
-    path = folder / str(name)
-    if Path(str(name)).name != name or not path.is_file():
-        raise StoreError(f"{folder / MANIFEST}: codec file {name!r} is missing")
-    blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != data.get("codec_sha256"):
-        raise StoreError(f"{path}: contents do not match the manifest's sha256 (changed or damaged)")
+    size = data.get("codec_bytes")
+    prefix = f"{CODEC_FOLDER}/codec-"
+    if not isinstance(name, str) or not name.startswith(prefix) or "/" in name[len(prefix):] \
+            or not isinstance(size, int) or size < 0:
+        raise StoreError(f"{location}: bad codec file entry {name!r} ({size!r} bytes) in the description")
+    try:
+        blob = location.read_file(name, size)
+    except OSError as e:
+        raise StoreError(f"{location}/{name}: the codec file cannot be read ({' '.join(str(e).split())[:300]})") \
+            from None
+    return read_codec_file(blob, data.get("codec_sha256"), f"{location}/{name}")
+
+
+def read_codec_file(blob: bytes, sha256: Any, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of a codec file, checked against its SHA-256 and for finite floating-point values."""
+    if hashlib.sha256(blob).hexdigest() != sha256:
+        raise StoreError(f"{where}: contents do not match the description's sha256 (changed or damaged)")
     try:
         tensors = load(blob)
     except Exception as e:  # safetensors raises its own error types
-        raise StoreError(f"{path}: not a readable safetensors file ({e})") from None
+        raise StoreError(f"{where}: not a readable safetensors file ({e})") from None
     for key, tensor in tensors.items():  # aminmax: one pass, no copy; NaN and infinity reach its results
         finite = tensor.dtype.is_floating_point and all(map(math.isfinite, torch.stack(torch.aminmax(tensor)).tolist()))
         if not finite:
-            raise StoreError(f"{path}: {key} is not finite floating-point data")
+            raise StoreError(f"{where}: {key} is not finite floating-point data")
     return tensors
 
 
-def _head(tensors: dict[str, torch.Tensor], h: int, identity: Identity, path: Path) -> DecoderHead:
+def _head(tensors: dict[str, torch.Tensor], h: int, identity: Identity, where: str) -> DecoderHead:
     try:
         w = {name: tensors[f"head{h}.{name}"].float() for name in ("layer1", "layer2", "cont")}
         head = DecoderHead.from_weights(w["layer1"], w["layer2"], w["cont"])
     except (KeyError, InputError) as e:
-        raise StoreError(f"{path}: head {h} weights missing or inconsistent ({e})") from None
+        raise StoreError(f"{where}: head {h} weights missing or inconsistent ({e})") from None
     if head.dims != identity.dims:
-        raise StoreError(f"{path}: head {h} has sizes {head.dims}, the manifest says {identity.dims}")
+        raise StoreError(f"{where}: head {h} has sizes {head.dims}, the description says {identity.dims}")
     return head

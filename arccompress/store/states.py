@@ -1,33 +1,36 @@
-"""A store folder's two states: new (no manifest yet: what it will be) and open (a manifest: what it is).
+"""A store's two states: new (no dataset yet: what it will be) and open (a Lance dataset: what it is).
 
-`ContextStore` holds one of them and delegates; a new store becomes an open one when it is created (its
-first flush, `create()` or `train()`), and only an open one has fragments, an index and a reader.
+`ContextStore` holds one of them and delegates; a new store becomes an open one when it is created (its first
+flush, `create()` or `train()`), or when `refresh` finds that another writer created it; only an open one has
+rows, a reader and commits.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import pyarrow as pa
+import lance
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
-from ..codec import Codec, parse_codec
+from ..codec import PQ_MIN_TRAIN, Codec, parse_codec
 from ..context import CompressedContext
-from ..errors import CodecError, StoreError
+from ..errors import CodecError, InputError, StoreError
 from ..heads import DecoderHead
-from .files import is_temporary
-from .format import DATA, MANIFEST
-from .index import FragmentIndex
+from .format import CODEC_FOLDER, LANCE_FILE_VERSION, row_schema
+from .location import LANCE_ERRORS, Location
+from .maintenance import settle
 from .manifest import Identity, Manifest
 from .reader import Reader
 from .spaces import SPACES
-from .writer import CommitResult, FragmentWriter, Queue, commit, context_batch
+from .table import StoreTable
+from .writer import CommitResult, FragmentWriter, IdClashError, Queue, RowRules, commit_rows, context_batch
 
-LEFTOVERS = ("codec-", ".lock")  # what an interrupted creation leaves besides temporary files
+T = TypeVar("T")
+OLDER = "convert it once with `arccompress convert {old} NEW_STORE` (or ContextStore.convert)"
 
 
 class HeadCache:
@@ -44,23 +47,61 @@ class HeadCache:
         return self._cache[key]
 
 
-def train_codebook(codec: Codec, vectors: torch.Tensor, train_size: int, folder: Path) -> int:
+def train_codebook(codec: Codec, vectors: torch.Tensor, train_size: int, where: Location) -> int:
+    if vectors.shape[0] < PQ_MIN_TRAIN:
+        raise InputError(f"{where}: the pq codebook needs at least {PQ_MIN_TRAIN} training vectors, got "
+                         f"{vectors.shape[0]}: add more contexts before the first flush, or call train() with more "
+                         "texts")
     try:
         return codec.train(vectors, max_vectors=train_size)
     except CodecError as e:
-        raise StoreError(f"{folder}: {e}") from None
+        raise StoreError(f"{where}: {e}") from None
+
+
+def older_format(location: Location) -> str | None:
+    """The one-line advice for a local folder holding a store of an older arccompress (None if it does not)."""
+    if not location.is_local:
+        return None
+    folder = Path(location.uri)
+    if (folder / "index.jsonl").exists():
+        return f"{folder} is an arccompress 0.1 store: " + OLDER.format(old=folder)
+    if (folder / "manifest.json").is_file():
+        try:
+            version = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("version")
+        except (OSError, ValueError, AttributeError):
+            version = None
+        made_by = {2: "arccompress 0.2 (format 2, without checksums)", 3: "arccompress 0.3 (format 3, Parquet files)"}
+        return f"{folder} is a store of {made_by.get(version, f'format {version!r}')}: " + OLDER.format(old=folder)
+    return None
+
+
+def check_new_folder(location: Location) -> None:
+    """StoreError unless a local folder is absent, empty, or holds only what an interrupted creation leaves (a
+    codec file); or it holds an older store (the advice to convert it)."""
+    advice = older_format(location)
+    if advice:
+        raise StoreError(advice)
+    folder = location.path
+    if not isinstance(folder, Path) or not folder.exists():
+        return
+    if not folder.is_dir():
+        raise StoreError(f"{folder} exists and is not a folder")
+    for entry in folder.iterdir():
+        if entry.name != CODEC_FOLDER:
+            raise StoreError(f"{folder} exists and is not a context store (no Lance dataset; found {entry.name!r})")
 
 
 class NewStore:
     """A store that is not created yet: its codec and identity come from the compressor (or the first context)."""
 
     manifest = None
+    version = None
 
-    def __init__(self, folder: Path, compressor: Any, codec: str, bits_per_dim: float | None,
+    def __init__(self, location: Location, compressor: Any, codec: str, bits_per_dim: float | None,
                  head: int | str | None):
-        check_new_folder(folder)
+        check_new_folder(location)
         space, self.quantizer = parse_codec(codec)
-        self.folder, self.space, self.bits_per_dim = folder, SPACES[space], bits_per_dim
+        self.location, self.space, self.bits_per_dim = location, SPACES[space], bits_per_dim
         self.compressor, self.asked_head = compressor, head
         self.identity: Identity | None = None
         self.codec: Codec | None = None  # known once the width is: from the compressor, or the first context
@@ -96,15 +137,25 @@ class NewStore:
         comp = self.compressor
         return self.space.read_head(None if self.identity is None else self.identity.head, self.asked_head,
                                     None if comp is None else comp.head, 1 if comp is None else comp.num_heads,
-                                    str(self.folder))
+                                    str(self.location))
 
     # ------------------------------------------------------------------ reading: nothing is stored yet
 
-    def refresh(self) -> None:
+    def refreshed(self) -> NewStore | OpenStore:
+        """This store, or the open one another writer created meanwhile."""
+        if not store_exists(self.location):
+            return self
+        return OpenStore.open(self.location, self.compressor, self.codec.name if self.codec else None,
+                              self.bits_per_dim, self.asked_head, None)
+
+    def release(self) -> None:
         pass
 
     def __contains__(self, key: object) -> bool:
         return False
+
+    def missing(self, keys: list[str]) -> list[str]:
+        return list(keys)
 
     def ids(self) -> Iterator[str]:
         return iter(())
@@ -115,14 +166,17 @@ class NewStore:
     def read(self, keys: list[str]) -> dict[str, tuple[dict[str, Any], torch.Tensor]]:
         return {}
 
+    def find_texts(self, hashes: list[str], chunk_size: int | None) -> dict[str, str]:
+        return {}
+
     def stats(self) -> dict[str, Any]:
         return {"contexts": 0, "tokens": 0, "embeddings": 0, "codec": self.codec_label, "fragments": 0,
-                "duplicates": 0, "data_bytes": 0, "codec_bytes": 0, "text_bytes": 0}
+                "duplicates": 0, "data_bytes": 0, "codec_bytes": 0, "text_bytes": 0, "version": None}
 
     # ------------------------------------------------------------------ becoming a store
 
     def opened(self, what: str) -> OpenStore:
-        raise StoreError(f"{self.folder} has no manifest yet: create it (a first flush, create() or train()) "
+        raise StoreError(f"{self.location} has no store yet: create it (a first flush, create() or train()) "
                          f"before {what}")
 
     def ready(self, queue: Queue, explicit: bool, train_size: int) -> OpenStore | None:
@@ -133,14 +187,14 @@ class NewStore:
             vectors = queue.vectors()
             if vectors.shape[0] < train_size and not explicit:
                 return None
-            trained_on = train_codebook(self.codec, vectors, train_size, self.folder)  # type: ignore[arg-type]
+            trained_on = train_codebook(self.codec, vectors, train_size, self.location)  # type: ignore[arg-type]
         return self._create(trained_on)
 
     def create(self) -> OpenStore:
         if self.codec is None:
-            raise StoreError(f"{self.folder}: a store without compressor= is created by its first flush")
+            raise StoreError(f"{self.location}: a store without compressor= is created by its first flush")
         if self.codec.needs_training:
-            raise StoreError(f"{self.folder}: a pq store is created by train(texts), which trains its codebook")
+            raise StoreError(f"{self.location}: a pq store is created by train(texts), which trains its codebook")
         return self._create(None)
 
     def train(self, data: Iterable[str] | Iterable[CompressedContext], batch_size: int, train_size: int,
@@ -162,59 +216,106 @@ class NewStore:
             parts.append(context_batch(keys, batch, self.space, self.codec, self.heads).vectors)
             have += parts[-1].shape[0]
         vectors = torch.cat(parts) if parts else torch.empty(0, self.codec.dim)
-        used = train_codebook(self.codec, vectors, train_size, self.folder)
+        used = train_codebook(self.codec, vectors, train_size, self.location)
         return self._create(used), used
 
     def _create(self, trained_on: int | None) -> OpenStore:
+        """Write the codec file, then the dataset's first version (put-if-absent: of two writers creating the store
+        at once, one creates it and the other opens it, if it is the same kind of store)."""
         identity, codec = self.identity, self.codec
         assert identity is not None and codec is not None
         num_heads = self.compressor.num_heads if self.compressor is not None else 1
         heads = {h: self.heads(h, "cpu", torch.float32) for h in self.space.heads_kept(identity.head, num_heads)}
-        manifest = Manifest.create(self.folder, identity, codec, self.space, heads, trained_on)
-        theirs = manifest.codec  # another writer's, if it created the store first
-        if (theirs.name, theirs.bits_per_dim) != (codec.name, codec.bits_per_dim):
-            raise StoreError(f"{self.folder} was created meanwhile with codec {theirs.label}, not {codec.label}")
-        mismatch = manifest.identity.mismatch(identity, every_head=self.space.serves_every_head)
+        manifest, blob = Manifest.describe(identity, codec, self.space, heads, trained_on)
+        try:
+            return create_store(self.location, manifest, blob, self.compressor, self.asked_head)
+        except FileExistsError:
+            return self._theirs(codec)
+
+    def _theirs(self, codec: Codec) -> OpenStore:
+        """The store another writer created first, if it keeps contexts as this one would."""
+        theirs = OpenStore.open(self.location, self.compressor, None, None, self.asked_head, None)
+        if (theirs.codec.name, theirs.codec.bits_per_dim) != (codec.name, codec.bits_per_dim):
+            raise StoreError(f"{self.location} was created meanwhile with codec {theirs.codec.label}, not "
+                             f"{codec.label}")
+        mismatch = theirs.identity.mismatch(self.identity, every_head=self.space.serves_every_head)  # type: ignore
         if mismatch:
-            raise StoreError(f"{self.folder} was created meanwhile for other contexts: {mismatch}")
-        return OpenStore(self.folder, manifest, self.compressor, self.asked_head)
+            raise StoreError(f"{self.location} was created meanwhile for other contexts: {mismatch}")
+        return theirs
+
+
+def create_store(location: Location, manifest: Manifest, blob: bytes | None, compressor: Any,
+                 head: int | str | None) -> OpenStore:
+    """Write the codec file, then the dataset's first version: put-if-absent (FileExistsError if a store is there:
+    of two writers creating one at once, one creates it). Then its indices and the cleanup of old versions."""
+    try:
+        if blob is not None:
+            location.write_file(manifest.data["codec_file"], blob)
+        schema = row_schema().with_metadata(manifest.metadata())
+        dataset = lance.write_dataset(schema.empty_table(), location.lance(), schema=schema, mode="create",
+                                      data_storage_version=LANCE_FILE_VERSION, storage_options=location.storage_options)
+    except LANCE_ERRORS as e:
+        if "already exists" in str(e):
+            raise FileExistsError(location.uri) from None
+        raise location.error("create the store", e) from None
+    try:
+        settle(dataset)
+    except LANCE_ERRORS as e:  # the store exists; a writer's upkeep after its commit makes the indices
+        raise location.error("index the new store", e) from None
+    table = StoreTable(location, dataset.checkout_version(dataset.latest_version))
+    return OpenStore(location, manifest, table, compressor, head)
+
+
+def store_exists(location: Location) -> bool:
+    """Whether a format-4 store (a Lance dataset) is at `location`."""
+    if location.is_local and not (Path(location.uri) / "_versions").is_dir():
+        return False
+    try:
+        lance.dataset(location.lance(), storage_options=location.storage_options)
+    except LANCE_ERRORS as e:
+        if location.absent(e):
+            return False
+        raise location.error("open the store", e) from None
+    return True
 
 
 class OpenStore:
-    """A store with a manifest: its fragments, their id index, a reader, and commits."""
+    """A store with a dataset: its rows at the version this handle looks at, a reader, and commits."""
 
-    def __init__(self, folder: Path, manifest: Manifest, compressor: Any, head: int | str | None):
-        self.folder, self._manifest, self.compressor, self.asked_head = folder, manifest, compressor, head
+    def __init__(self, location: Location, manifest: Manifest, table: StoreTable, compressor: Any,
+                 head: int | str | None, pinned: bool = False):
+        self.location, self._manifest, self.table = location, manifest, table
+        self.compressor, self.asked_head, self.pinned = compressor, head, pinned
         self.codec, self.space, self.identity = manifest.codec, manifest.space, manifest.identity
-        self.fragment_identity = manifest.fragments
-        self.index = FragmentIndex(folder / DATA, self.fragment_identity)
-        self.reader = Reader(self.index, self.codec, self.space.cont_stored)
+        self.rules = RowRules(manifest.store_id, self.codec.name, self.codec.bytes_per_vector, self.space.cont_stored)
+        self.reader = Reader(self.codec, self.space.cont_stored)
         self.heads = HeadCache(self._head)
         self.read_head = self.space.read_head(self.identity.head, head, None if compressor is None else compressor.head,
-                                              len(manifest.heads), str(folder))
+                                              len(manifest.heads), str(location))
 
     @classmethod
-    def open(cls, folder: Path, compressor: Any, codec: str | None, bits_per_dim: float | None,
-             head: int | str | None) -> OpenStore:
-        manifest = Manifest.read(folder)
+    def open(cls, location: Location, compressor: Any, codec: str | None, bits_per_dim: float | None,
+             head: int | str | None, version: int | None) -> OpenStore:
+        table = StoreTable.open(location, version)
+        manifest = Manifest.read(location, table.ds.schema.metadata)
         label = manifest.codec.label
         if codec is not None:
             space, quantizer = parse_codec(codec)
             if f"{space}-{quantizer}" != manifest.codec.name or (
                     bits_per_dim is not None and bits_per_dim != manifest.codec.bits_per_dim):
                 asked = f"{space}-{quantizer}" + (f" at {bits_per_dim:g} bits/dim" if bits_per_dim is not None else "")
-                raise StoreError(f"{folder} keeps {label}, not {asked}")
+                raise StoreError(f"{location} keeps {label}, not {asked}")
         if compressor is not None:
             mismatch = manifest.identity.mismatch(Identity.of_compressor(compressor),
                                                   every_head=manifest.space.serves_every_head)
             if mismatch:
-                raise StoreError(f"the compressor does not belong in {folder}: {mismatch} (store made by encoder "
+                raise StoreError(f"the compressor does not belong in {location}: {mismatch} (store made by encoder "
                                  f"{manifest.identity.encoder!r})")
-        return cls(folder, manifest, compressor, head)
+        return cls(location, manifest, table, compressor, head, pinned=version is not None)
 
     def _head(self, h: int) -> DecoderHead:
         if h not in self._manifest.heads:
-            raise StoreError(f"{self.folder}: no weights for head {h}")
+            raise StoreError(f"{self.location}: no weights for head {h}")
         return self._manifest.heads[h]
 
     @property
@@ -222,44 +323,82 @@ class OpenStore:
         return self._manifest.data
 
     @property
+    def version(self) -> int:
+        return self.table.version
+
+    @property
     def codec_label(self) -> str:
         return self.codec.label
 
     # ------------------------------------------------------------------ reading
 
-    def refresh(self) -> None:
-        self.index.refresh()
+    def refreshed(self) -> OpenStore:
+        if not self.pinned:
+            self.table = self.table.latest()
+        return self
+
+    def current(self, read: Callable[[StoreTable], T]) -> T:
+        """`read(table)`; if it fails and a newer version exists (the files of this handle's version may have been
+        compacted and cleaned up since), once more at the latest version."""
+        try:
+            return read(self.table)
+        except StoreError:
+            latest = self.table if self.pinned else self.table.latest()
+            if latest is self.table:
+                raise
+            self.table = latest
+            return read(latest)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.index
+        return isinstance(key, str) and bool(self.current(lambda t: t.rows([key], [])))
+
+    def missing(self, keys: list[str]) -> list[str]:
+        found = self.current(lambda t: t.rows(keys, []))
+        return [k for k in keys if k not in found]
 
     def ids(self) -> Iterator[str]:
-        return iter(self.index)
+        return self.current(lambda t: t.ids())
 
     def count(self) -> int:
-        return len(self.index)
+        return self.current(lambda t: t.count())
 
     def read(self, keys: list[str]) -> dict[str, tuple[dict[str, Any], torch.Tensor]]:
-        return self.reader.read(keys)
+        return self.current(lambda t: self.reader.read(t, keys))
+
+    def find_texts(self, hashes: list[str], chunk_size: int | None) -> dict[str, str]:
+        return self.current(lambda t: self._find_texts(t, hashes, chunk_size))
+
+    def _find_texts(self, table: StoreTable, hashes: list[str], chunk_size: int | None) -> dict[str, str]:
+        """text hash -> the id of a stored context of that text made with this chunk size (the first in the
+        dataset's order whose row its id reads)."""
+        out: dict[str, str] = {}
+        try:
+            found = table.ds.scanner(columns=["id", "text_sha256", "chunk_size"], with_row_address=True,
+                                     filter=pc.field("text_sha256").isin(hashes)).to_table()
+        except LANCE_ERRORS as e:
+            raise self.location.error("look texts up", e) from None
+        if not found.num_rows:
+            return out
+        found = table.in_order(found)
+        rows = table.rows(list(dict.fromkeys(found.column("id").to_pylist())), [])
+        for row in found.to_pylist():
+            winner = rows.get(row["id"])  # a shadowed row's text is not the id's
+            if row["chunk_size"] == chunk_size and winner is not None and winner["_rowaddr"] == row["_rowaddr"]:
+                out.setdefault(row["text_sha256"], row["id"])
+        return out
 
     def stats(self) -> dict[str, Any]:
-        tokens = embeddings = text = 0
-        for fragment in self.index.fragments:
-            try:
-                t = pq.read_table(fragment.path, columns=["id", "num_tokens", "num_embeddings", "text_bytes"])
-            except Exception as e:
-                raise StoreError(f"{fragment.path}: not a readable store fragment ({e})") from None
-            if self.index.duplicates:  # count each id once, where the index reads it
-                keys = t.column("id").to_pylist()
-                t = t.filter(pa.array([self.index.owns(k, fragment, r) for r, k in enumerate(keys)]))
-            tokens += pc.sum(t.column("num_tokens")).as_py() or 0
-            embeddings += pc.sum(t.column("num_embeddings")).as_py() or 0
-            text += pc.sum(t.column("text_bytes")).as_py() or 0
-        codec_file = self.manifest.get("codec_file")
-        return {"contexts": len(self.index), "tokens": tokens, "embeddings": embeddings, "codec": self.codec_label,
-                "fragments": len(self.index.fragments), "duplicates": self.index.duplicates,
-                "data_bytes": sum(f.path.stat().st_size for f in self.index.fragments),
-                "codec_bytes": (self.folder / codec_file).stat().st_size if codec_file else 0, "text_bytes": text}
+        return self.current(self._stats)
+
+    def _stats(self, table: StoreTable) -> dict[str, Any]:
+        rows = table.visible(["num_tokens", "num_embeddings", "text_bytes"])
+        fragments = table.fragments()
+        return {"contexts": rows.num_rows, "tokens": pc.sum(rows.column("num_tokens")).as_py() or 0,
+                "embeddings": pc.sum(rows.column("num_embeddings")).as_py() or 0, "codec": self.codec_label,
+                "fragments": len(fragments), "duplicates": len(table.shadowed()),
+                "data_bytes": sum(d.file_size_bytes or 0 for f in fragments for d in f.metadata.files),
+                "codec_bytes": self.manifest.get("codec_bytes", 0),
+                "text_bytes": pc.sum(rows.column("text_bytes")).as_py() or 0, "version": table.version}
 
     # ------------------------------------------------------------------ writing
 
@@ -267,38 +406,33 @@ class OpenStore:
         return self.codec
 
     def adopt(self, identity: Identity) -> None:
-        pass  # an open store's identity is its manifest's
+        pass  # an open store's identity is its description's
 
     def opened(self, what: str) -> OpenStore:
+        if self.pinned:
+            raise StoreError(f"{self.location} is open at version {self.version}, read-only: open it without "
+                             f"version= before {what}")
         return self
 
     def ready(self, queue: Queue, explicit: bool, train_size: int) -> OpenStore:
-        return self
+        return self.opened("writing")
 
     def create(self) -> OpenStore:
         return self
 
     def train(self, data: Any, batch_size: int, train_size: int, chunk_size: int | None) -> tuple[OpenStore, int]:
-        raise StoreError(f"{self.folder} already exists; a store is trained once, when it is created")
+        raise StoreError(f"{self.location} already exists; a store is trained once, when it is created")
 
-    def commit(self, table: Any) -> CommitResult:
-        return commit(self.folder, self.fragment_identity, table, self.index)
+    def commit(self, rows: Any, absent_at: int | None = None) -> CommitResult:
+        try:
+            result, self.table = commit_rows(self.location, self.rules, rows, self.opened("writing").table, absent_at)
+        except IdClashError:
+            self.table = self.table.latest()  # the version this commit made, or a later one
+            raise
+        return result
+
+    def release(self) -> None:
+        self.table.release()
 
     def fragment_writer(self) -> FragmentWriter:
-        return FragmentWriter(str(self.folder), self.fragment_identity)
-
-
-def check_new_folder(folder: Path) -> None:
-    """StoreError unless `folder` is absent, empty, or holds only what an interrupted creation leaves."""
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise StoreError(f"{folder} exists and is not a folder")
-    if (folder / "index.jsonl").exists():
-        raise StoreError(f"{folder} is an arccompress 0.1 store (index.jsonl): convert it once with "
-                         f"`arccompress convert {folder} NEW_STORE`")
-    for entry in folder.iterdir():  # what an interrupted first flush can leave: a codec file, temporary files
-        leftover = is_temporary(entry.name) or entry.name.startswith(LEFTOVERS) or (
-            entry.name == DATA and entry.is_dir() and all(is_temporary(e.name) for e in entry.iterdir()))
-        if not leftover:
-            raise StoreError(f"{folder} exists and is not a context store (no {MANIFEST}; found {entry.name!r})")
+        return FragmentWriter(self.location, self.rules)

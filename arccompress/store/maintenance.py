@@ -1,0 +1,283 @@
+"""Keeping a store in shape: compaction, the id indices, old versions; and finding (verify) and removing (repair)
+damaged data files.
+
+After every commit the writer looks at the version it made (`after_commit`), so that a commit's cost stays flat
+however many came before: once `AUTO_COMPACT_FRAGMENTS` small data files (fewer than `SMALL_ROWS` rows: one-context
+commits, a service adding documents as they come) are not yet indexed, it merges them (Lance's compaction keeps
+the dataset's order); once `AUTO_INDEX_FRAGMENTS` other data files, or `AUTO_INDEX_ROWS` rows, are not in the
+indices, it indexes them as a new segment of each index (its cost: the new rows), and once an index has
+`MAX_INDEX_SEGMENTS` segments it merges them (its cost: the store, that often). Lance removes versions beyond the
+last `KEEP_VERSIONS` every `CLEANUP_INTERVAL` commits (the dataset's `lance.auto_cleanup.*` settings); `cleanup`
+removes older ones on demand. `compact` merges everything and drops shadowed rows. Two writers doing the same
+upkeep at once conflict harmlessly: one of them gives way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import lance
+import numpy as np
+from lance.commit import CommitConflictError
+from lance.fragment import LanceFragment
+
+from ..errors import StoreError
+from .format import CHECKED, FIELDS, ID_INDEX, TEXT_INDEX, cont_added, row_checksum
+from .location import LANCE_ERRORS, Location, cause
+from .table import ADDRESS, StoreTable, data_file, in_filter, index_segments
+
+SMALL_ROWS = 256  # fragments with fewer rows are merged automatically (a writer's usual commit is 256 rows)
+AUTO_COMPACT_FRAGMENTS = 8
+AUTO_INDEX_FRAGMENTS = 8
+AUTO_INDEX_ROWS = 65536
+MAX_INDEX_SEGMENTS = 8
+COMPACT_ROWS = 1 << 20  # rows per fragment after `compact`
+KEEP_VERSIONS, CLEANUP_INTERVAL = 256, 64  # each open lists the versions kept: ~1 µs each
+AUTO_CLEANUP = {"lance.auto_cleanup.interval": str(CLEANUP_INTERVAL),
+                "lance.auto_cleanup.retain_versions": str(KEEP_VERSIONS)}
+INDICES = {ID_INDEX: "id", TEXT_INDEX: "text_sha256"}
+
+
+def conflict(error: BaseException) -> bool:
+    """Whether Lance refused a commit because a concurrent one came first (its error types vary by operation)."""
+    return isinstance(error, CommitConflictError) or "commit conflict" in str(error).lower()
+
+
+def settle(dataset: lance.LanceDataset) -> None:
+    """A new store's indices and automatic cleanup of old versions."""
+    dataset.update_config(AUTO_CLEANUP)
+    for name, column in INDICES.items():
+        dataset.create_scalar_index(column, "BTREE", name=name)
+
+
+def delete(location: Location, dataset: lance.LanceDataset, addresses: list[int], why: str,
+           fragments: list[int] = ()) -> lance.LanceDataset:
+    """Commit a version without these rows (by address) and these whole fragments (their files unread)."""
+    by_fragment: dict[int, list[int]] = {}
+    for address in addresses:
+        if address >> 32 not in fragments:
+            by_fragment.setdefault(address >> 32, []).append(address & 0xFFFFFFFF)
+    updated, deleted = [], list(fragments)
+    for fid, offsets in by_fragment.items():
+        metadata = LanceFragment(dataset, fid).delete_rows(offsets)
+        if metadata is None:
+            deleted.append(fid)
+        else:
+            updated.append(metadata)
+    return lance.LanceDataset.commit(dataset, lance.LanceOperation.Delete(updated, deleted, why),
+                                     read_version=dataset.version, storage_options=location.storage_options)
+
+
+def delete_rows(location: Location, dataset: lance.LanceDataset, addresses: list[int], why: str) -> bool:
+    """Delete rows (by address) in a new version; False if a concurrent change to their fragments came first
+    (compaction drops them later)."""
+    try:
+        delete(location, dataset, addresses, why)
+    except LANCE_ERRORS as e:
+        if conflict(e):
+            return False
+        warnings.warn(f"{location}: could not delete {len(addresses)} {why} ({cause(e)}); they stay shadowed "
+                      "(never read) until `arccompress store compact`", stacklevel=3)
+        return False
+    return True
+
+
+def after_commit(location: Location, dataset: lance.LanceDataset) -> None:
+    """The upkeep a writer does after its commit (see the module's docstring); a failure is a warning: the
+    commit stands."""
+    try:
+        _upkeep(dataset)
+    except LANCE_ERRORS as e:
+        if conflict(e):
+            return  # another writer did the same at the same time
+        warnings.warn(f"{location}: automatic compaction or indexing failed ({cause(e)}); the commit stands; run "
+                      f"`arccompress store compact {location}`", stacklevel=3)
+
+
+def _upkeep(dataset: lance.LanceDataset) -> None:
+    fragments = dataset.get_fragments()
+    segments = index_segments(dataset)
+    indexed = {f for _, covered in segments.get(ID_INDEX, []) for f in covered}
+    unindexed = [f for f in fragments if f.fragment_id not in indexed]
+    small = [f for f in unindexed if f.metadata.physical_rows < SMALL_ROWS]
+    if len(small) >= AUTO_COMPACT_FRAGMENTS:
+        keep = [f.fragment_id for f in fragments if f.fragment_id in indexed or f.metadata.physical_rows >= SMALL_ROWS]
+        dataset.optimize.compact_files(target_rows_per_fragment=SMALL_ROWS, excluded_fragment_ids=keep)
+        dataset = dataset.checkout_version(dataset.latest_version)
+        unindexed = [f for f in dataset.get_fragments() if f.fragment_id not in indexed]
+    if set(INDICES) - set(segments):
+        for name, column in INDICES.items():
+            if name not in segments:
+                dataset.create_scalar_index(column, "BTREE", name=name)
+        return
+    settled = [f for f in unindexed if f.metadata.physical_rows >= SMALL_ROWS]
+    if len(settled) >= AUTO_INDEX_FRAGMENTS or sum(f.metadata.physical_rows for f in unindexed) >= AUTO_INDEX_ROWS:
+        dataset.optimize.optimize_indices(num_indices_to_merge=0)  # a new segment: the new rows only
+    most = max((len(s) for s in segments.values()), default=0)
+    if most >= MAX_INDEX_SEGMENTS:
+        dataset.optimize.optimize_indices(num_indices_to_merge=most)
+    if any(dataset.config().get(k) != v for k, v in AUTO_CLEANUP.items()):
+        dataset.update_config(AUTO_CLEANUP)
+
+
+# ---------------------------------------------------------------------------- on demand
+
+
+def compact(location: Location) -> dict[str, Any]:
+    """Drop shadowed rows, merge fragments into ones of up to `COMPACT_ROWS` rows (the dataset's order kept),
+    bring the indices up to date; what it did."""
+    table = StoreTable.open(location)
+    before = (table.version, len(table.fragments()))
+    shadowed = table.shadowed()
+    try:
+        if shadowed.num_rows and not delete_rows(location, table.ds, shadowed.column(ADDRESS).to_pylist(),
+                                                 "shadowed rows (compaction)"):
+            raise StoreError(f"{location}: another writer compacted or repaired the store at the same time; run "
+                             "compact again")
+        dataset = table.ds.checkout_version(table.ds.latest_version)
+        dataset.optimize.compact_files(target_rows_per_fragment=COMPACT_ROWS)
+        dataset = dataset.checkout_version(dataset.latest_version)
+        if set(INDICES) - set(index_segments(dataset)):
+            settle(dataset)
+        dataset.optimize.optimize_indices(num_indices_to_merge=max(len(s) for s in index_segments(dataset).values()))
+        dataset = dataset.checkout_version(dataset.latest_version)
+    except LANCE_ERRORS as e:
+        if conflict(e):
+            raise StoreError(f"{location}: another writer compacted the store at the same time; run compact again") \
+                from None
+        raise location.error("compact", e) from None
+    return {"version_before": before[0], "version": dataset.version, "fragments_before": before[1],
+            "fragments": len(dataset.get_fragments()), "shadowed_rows_dropped": shadowed.num_rows}
+
+
+def cleanup(location: Location, older_than: timedelta) -> dict[str, Any]:
+    """Remove the versions older than `older_than` (but the latest, and tagged ones) and the files only they used;
+    time travel to them ends. Returns Lance's counts."""
+    dataset = StoreTable.open(location).ds
+    try:
+        stats = dataset.cleanup_old_versions(older_than=older_than, error_if_tagged_old_versions=False)
+    except LANCE_ERRORS as e:
+        raise location.error("clean up old versions", e) from None
+    return {"versions_removed": stats.old_versions, "bytes_removed": stats.bytes_removed,
+            "data_files_removed": stats.data_files_removed}
+
+
+# ---------------------------------------------------------------------------- damage
+
+
+@dataclass
+class Damage:
+    """A damaged data file: what is wrong, and the ids whose rows it held (`ids` None: the file cannot be read
+    and the id index does not cover it; `rows` of them, ids unknown). offsets: the damaged rows (None: all)."""
+
+    file: str
+    fragment: int
+    error: str
+    rows: int
+    ids: list[str] | None
+    offsets: list[int] | None = None
+
+    def __str__(self) -> str:
+        held = f"{len(self.ids)} ids: {', '.join(map(repr, self.ids[:5]))}{' ...' if len(self.ids) > 5 else ''}" \
+            if self.ids is not None else f"{self.rows} rows whose ids are unknown (not in the id index)"
+        return f"{self.file}: {self.error} ({held})"
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found at one version."""
+
+    store: str
+    version: int
+    fragments: int
+    rows: int
+    damaged: list[Damage] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+    @property
+    def lost_ids(self) -> list[str]:
+        return [k for d in self.damaged for k in d.ids or ()]
+
+
+def verify(location: Location, bytes_per_vector: int, cont_stored: bool, version: int | None = None) -> VerifyReport:
+    """Read every row of every data file: each file readable, each row of the right size and matching its checksum;
+    the damaged files, with their ids (from the file, or from the id index when the file cannot be read)."""
+    table = StoreTable.open(location, version)
+    fragments = table.fragments()
+    report = VerifyReport(str(location), table.version, len(fragments), 0)
+    need = bytes_per_vector
+    for fragment in fragments:
+        name = data_file(fragment)
+        bad: list[tuple[int, str]] = []
+        try:
+            count = 0
+            for batch in table.ds.scanner(columns=list(FIELDS), with_row_address=True, fragments=[fragment],
+                                          batch_size=1024).to_batches():
+                for row in batch.to_pylist():
+                    count += 1
+                    codes = row["codes"] or b""
+                    wanted = (row["num_embeddings"] - cont_added(cont_stored)) * need
+                    if len(codes) != wanted or wanted < need or \
+                            row_checksum(tuple(row[c] for c in CHECKED)) != row["checksum"]:
+                        bad.append((row[ADDRESS] & 0xFFFFFFFF, row["id"]))
+            report.rows += count
+        except LANCE_ERRORS as e:
+            rows = fragment.metadata.physical_rows
+            report.damaged.append(Damage(name, fragment.fragment_id, f"unreadable: {cause(e)}", rows,
+                                         _indexed_ids(table, fragment.fragment_id)))
+            continue
+        if bad:
+            report.damaged.append(Damage(name, fragment.fragment_id, f"{len(bad)} rows do not match their checksum",
+                                         len(bad), [k for _, k in bad], [o for o, _ in bad]))
+    return report
+
+
+def _indexed_ids(table: StoreTable, fragment: int) -> list[str] | None:
+    """The ids the id index holds for a fragment (read from the index's own pages: its values and row addresses);
+    None when the index does not cover the fragment or cannot be read so."""
+    try:
+        uuid = next(u for u, covered in index_segments(table.ds).get(ID_INDEX, []) if fragment in covered)
+        pages = table.location.files().open_reader(f"_indices/{uuid}/page_data.lance").read_all().to_table()
+        addresses = pages.column("ids").to_numpy()
+        return pages.column("values").filter(addresses >> np.uint64(32) == fragment).to_pylist()
+    except (StopIteration, KeyError, *LANCE_ERRORS):
+        return None
+
+
+def repair(location: Location, report: VerifyReport) -> dict[str, Any]:
+    """A new version without the damaged files and rows of `report` (and without later rows of their ids), so that
+    every id reads or is absent; the ids to compute again (a resumed corpus job does), and how many rows of
+    unknown ids were dropped."""
+    if report.ok:
+        return {"version": report.version, "ids": [], "unknown_rows": 0}
+    table = StoreTable.open(location)
+    present = {data_file(f): f for f in table.fragments()}
+    for d in report.damaged:
+        if present.get(d.file) is None or present[d.file].fragment_id != d.fragment:
+            raise StoreError(f"{location}: {d.file} changed since it was verified (version {report.version}; now "
+                             f"{table.version}): run verify again")
+    whole = [d.fragment for d in report.damaged if d.offsets is None]
+    addresses = [(d.fragment << 32) | o for d in report.damaged if d.offsets is not None for o in d.offsets]
+    lost = report.lost_ids
+    if lost:  # later rows of the lost ids would come to light: they go too
+        healthy = [f for f in table.fragments() if f.fragment_id not in whole]
+        later = table.ds.scanner(columns=[], filter=in_filter("id", lost), with_row_address=True,
+                                 fragments=healthy).to_table() if healthy else None
+        if later is not None:
+            seen = set(addresses)
+            addresses += [a for a in later.column(ADDRESS).to_pylist() if a not in seen]
+    try:
+        dataset = delete(location, table.ds, addresses, "repair", whole)
+    except LANCE_ERRORS as e:
+        if conflict(e):
+            raise StoreError(f"{location}: the store changed during the repair: run verify and repair again") \
+                from None
+        raise location.error("repair", e) from None
+    return {"version": dataset.version, "ids": lost,
+            "unknown_rows": sum(d.rows for d in report.damaged if d.ids is None)}
