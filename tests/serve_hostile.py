@@ -14,6 +14,7 @@ import re
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -217,6 +218,49 @@ def check_timeout(url: str, model: str, timeout: float) -> None:
     assert post(url, "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 1}).status_code == 200
 
 
+# ----------------------------------------------------------------------------- the service's red team, as met
+
+
+def check_bytes_and_values_no_text_can_hold(url: str, model: str) -> None:
+    """Bodies that are not UTF-8, lone surrogates in any field (stop, user, model), nesting past the limit (with an
+    escape that sends the body through Python's own decoder): each one 400 naming it, never a 500; a temperature
+    of 1e-39 samples (raised to vLLM's floor of 0.01) instead of failing on inf and nan."""
+    cases = [
+        (b'{"model": "%s", "prompt": "\xed\xa0\x80"}', "not UTF-8"),
+        (b'{"model": "%s", "prompt": "Hi", "user": "\\udc00"}', "user: a lone surrogate"),
+        (b'{"model": "%s", "prompt": "Hi", "stop": ["a\\ud800"]}', "stop[0]: a lone surrogate"),
+        (b'{"model": "%s", "prompt": "Hi", "x": ' + b"[" * 100 + b'"\\ud83d\\ude00"' + b"]" * 100 + b"}",
+         "more than 64 deep"),
+    ]
+    for body, needle in cases:
+        refused(post_raw(url, "/v1/completions", body.replace(b"%s", model.encode())), 400, needle)
+    for temperature in (1e-39, 5e-324):
+        r = post(url, "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 3, "temperature": temperature})
+        assert r.status_code == 200, r.text
+
+
+def check_documents_over_the_token_limit_at_the_character_limit(url: str, model: str) -> None:
+    """Documents of emoji at the character limit (four tokens a character: a million tokens each) are refused
+    after the start of the first one is tokenized, not after all of them; `/health` answers meanwhile."""
+    emoji = {"type": "document", "text": "\U0001F600" * 262_144}
+    body = json.dumps({"model": model, "prompt": [emoji] * 12}, ensure_ascii=False).encode()  # 12 MiB
+    with HealthWatch(url) as watch:
+        refused(post_raw(url, "/v1/completions", body), 400, "over 16,384 tokens", "prompt[0]")
+    watch.check()
+
+
+def check_unknown_ids_flood(url: str, model: str) -> None:
+    """40 requests, two at a time (within any test server's --max-queued-requests), each naming 8 ids the store does
+    not hold: each a 404 naming them, found with one store lookup per request, off the event loop: `/health`
+    answers meanwhile."""
+    body = {"model": model, "prompt": [{"type": "document", "id": f"absent-{i}"} for i in range(8)]}
+    with HealthWatch(url) as watch, ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: post(url, "/v1/completions", body), range(40)))
+    watch.check()
+    for r in answers:
+        refused(r, 404, "'absent-7'")
+
+
 class HostileRequests:
     """Issue 26's items as tests, for a backend's test class: it sets `model` (the served name), `context` (the
     decoder's context length) and `penalties` (whether the backend applies them), and has a `server` fixture."""
@@ -243,3 +287,12 @@ class HostileRequests:
 
     def test_strictness_and_penalties(self, server):
         check_strictness(server.url, self.model, penalties=self.penalties)
+
+    def test_bytes_and_values_no_text_can_hold_are_refused(self, server):
+        check_bytes_and_values_no_text_can_hold(server.url, self.model)
+
+    def test_documents_far_over_the_token_limit_are_refused_early(self, server):
+        check_documents_over_the_token_limit_at_the_character_limit(server.url, self.model)
+
+    def test_many_unknown_ids_do_not_freeze_health(self, server):
+        check_unknown_ids_flood(server.url, self.model)

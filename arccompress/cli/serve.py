@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
+import socket
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
@@ -127,6 +129,8 @@ def config_from(args: argparse.Namespace) -> ServiceConfig:
 def run(args: argparse.Namespace) -> int:
     from ..store import ContextStore
 
+    if not args.ray:
+        check_port(args.host, args.port)  # before the models load (minutes, for real ones)
     resolve_models(args)
     config = config_from(args)
     if config.store is not None and not ContextStore.exists(config.store):
@@ -138,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         return run_on_ray(args, config)
     if args.replicas != 1 or args.gpus_per_replica is not None or args.address:
         raise InputError("--replicas, --gpus-per-replica and --address go with --ray")
+    open_files_to_the_hard_limit()
     import uvicorn
 
     from ..serve import build_app
@@ -155,6 +160,28 @@ def run(args: argparse.Namespace) -> int:
     if terminated:
         print("arccompress serve: stopped by SIGTERM after finishing the requests in flight", file=sys.stderr)
     return 0
+
+
+def check_port(host: str, port: int) -> None:
+    """InputError when `host:port` cannot be listened on, before any model is loaded (uvicorn binds after)."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e}): another server may hold it; choose "
+                         "another with --port") from None
+
+
+def open_files_to_the_hard_limit() -> None:
+    """Each connection holds a file descriptor: the soft limit (often 1,024) raised to the hard one, as vLLM's server
+    does, so that a thousand idle connections do not leave the service unable to accept another."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # a container's limit below the hard one: keep the soft one
+            pass
 
 
 def run_on_ray(args: argparse.Namespace, config: ServiceConfig) -> int:

@@ -33,6 +33,7 @@ from .text import SequenceText, cut_at_eos, cut_at_stop, without_cut_character
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 DECODER_FILES = ["*.json", "model*.safetensors", "tokenizer*"]  # what a hub decoder needs
+MIN_TEMPERATURE = 1e-2  # vLLM's floor too: a temperature of 1e-39 would turn the logits into inf and nan
 # generate() arguments whose output a Generator cannot turn into text per prompt
 UNSUPPORTED_GENERATE_KWARGS = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
                                "output_hidden_states")
@@ -197,8 +198,8 @@ class Generator(LocalEngine):
         do_sample = kwargs.setdefault("do_sample", not sampling.greedy)
         if do_sample:
             kwargs.setdefault("top_k", 0)
-            if sampling.temperature > 0:
-                kwargs.setdefault("temperature", sampling.temperature)
+            if sampling.temperature > 0:  # raised to MIN_TEMPERATURE as vLLM does: below it the logits overflow
+                kwargs.setdefault("temperature", max(sampling.temperature, MIN_TEMPERATURE))
             if sampling.top_p < 1:
                 kwargs.setdefault("top_p", sampling.top_p)
         kwargs["max_new_tokens"] = sampling.max_new_tokens

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from ..errors import InputError
 from ..version import __version__
 from .config import ServiceConfig
-from .lifetime import BodyLimit, RequestLifetime, RequestMetrics
+from .lifetime import ApiKey, BodyLimit, RequestLifetime, RequestMetrics
 from .openapi import declare
 from .refusals import add_error_handlers
 from .routes import ENDPOINTS, ROUTES, router
@@ -43,10 +43,12 @@ def build_app(config: ServiceConfig | None = None, *, service: Service | None = 
     service = service or Service(config)  # type: ignore[arg-type]
     app = FastAPI(title="arccompress", version=__version__, lifespan=lifespan)
     app.state.service, app.state.scrape = service, scrape
-    # outermost last: metrics see every request; the body limit reads the body; then a request is admitted
+    # outermost last: metrics see every request; the key is checked from the headers; the body limit reads the
+    # body; then a request is admitted
     app.add_middleware(RequestLifetime, max_requests=service.config.max_queued_requests,
                        timeout=service.config.request_timeout, metrics=service.metrics)
     app.add_middleware(BodyLimit, max_bytes=service.limits.max_body_bytes)
+    app.add_middleware(ApiKey, key=service.config.api_key)
     app.add_middleware(RequestMetrics, metrics=service.metrics, paths=ROUTES)
     add_error_handlers(app)
     app.include_router(router)

@@ -32,6 +32,9 @@ from .protocol import quote
 from .refusals import RequestError, check_text_or_refuse
 
 ENTRY_BYTES = 1024  # a cached context's own object, its key and the cache's entry, besides its rows and text
+# a long document's starts are tokenized first, alone and growing by this factor from one character per token of the
+# limit: one far over the limit is refused after a start of it (262,144 emoji are a million tokens: seconds)
+PREFIX_GROWTH = 4
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ class DocumentResolver:
         known = {k: ctx for k in keys if (ctx := self.cache.peek(k)) is not None}
         stored = self._stored([(i, texts[i][0], texts[i][1]) for i, k in enumerate(keys) if k not in known])
         fresh = [i for i, k in enumerate(keys) if k not in known and i not in stored]
+        for i in fresh:
+            self._check_start(*texts[i][::2])
         try:
             encoded = dict(zip(fresh, self.compressor.tokenize([texts[i][0] for i in fresh]))) if fresh else {}
         except (InputError, TypeError) as e:
@@ -119,6 +124,20 @@ class DocumentResolver:
                                    f"{self.limits.max_document_tokens:,} per document", param=where)
             out.append(TextDocument(text, chunk, key, ids, len(ids), self.positions(len(ids), chunk)))
         return out
+
+    def _check_start(self, text: str, where: str) -> None:
+        """A long document's starts (one character per token of the limit, then 4x, 16x ...) tokenized alone, one
+        document at a time: RequestError as soon as one is over the token limit, before the whole of it (and of the
+        others) is tokenized. For a document within the limit this adds at most 4/3 of tokenizing it once."""
+        limit = self.limits.max_document_tokens
+        prefix = limit
+        while len(text) > prefix:
+            tokens = len(self.compressor.tokenize([text[:prefix]])[0])
+            if tokens > limit + 1:  # the whole has at least the start's tokens, but for one cut at its end
+                raise RequestError(f"{where}: the document has over {limit:,} tokens ({tokens:,} in its first "
+                                   f"{prefix:,} characters alone), over this service's limit of {limit:,} per "
+                                   "document", param=where)
+            prefix *= PREFIX_GROWTH
 
     def _stored(self, texts: list[tuple[int, str, int | None]]) -> dict[int, CompressedContext]:
         """The contexts the store holds for these (place, text, chunk size), by place: one lookup per chunk size."""
@@ -148,7 +167,8 @@ class DocumentResolver:
         if self.store is None:
             raise RequestError(f"{ids[0][1]}: documents by id need a store, and this service has none",
                                param=ids[0][1])
-        missing = [(key, where) for key, where in ids if key not in self.store]
+        absent = set(self.store.missing([key for key, _ in ids]))
+        missing = [(key, where) for key, where in ids if key in absent]
         if missing:
             named = ", ".join(f"{quote(key)} ({where})" for key, where in missing[:8])
             more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
@@ -209,6 +229,7 @@ class DocumentResolver:
 
     def _read_batch(self, ids: list[str]) -> list[CompressedContext | ContextNotFoundError]:
         """One store read for a batch of ids; an id that vanished since it was checked fails its own request."""
-        present = [key for key in dict.fromkeys(ids) if key in self.store]
+        absent = set(self.store.missing(ids))
+        present = [key for key in dict.fromkeys(ids) if key not in absent]
         found = dict(zip(present, self.store.get_many(present, device=self.compressor.device))) if present else {}
         return [found.get(key) or ContextNotFoundError(f"not in the store: {quote(key)}") for key in ids]

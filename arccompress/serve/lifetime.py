@@ -1,6 +1,6 @@
-"""A request's life in the service, as ASGI middlewares: counted and timed (`RequestMetrics`), its body read within
-the size limit (`BodyLimit`), admitted or shed, cancelled when its client leaves, stopped when it runs out of time
-(`RequestLifetime`).
+"""A request's life in the service, as ASGI middlewares: counted and timed (`RequestMetrics`), its API key checked
+from its headers (`ApiKey`), its body read within the size limit (`BodyLimit`), admitted or shed, cancelled when its
+client leaves, stopped when it runs out of time (`RequestLifetime`).
 
 - Load shedding: at most `max_requests` API requests are held at once (compressing, waiting or generating); one
   more is refused at once with 503 and `Retry-After`, in OpenAI's error schema, rather than queued without bound.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -117,6 +118,26 @@ class RequestLifetime:
         elif response["stream"] and not response["ended"]:
             events = f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
             await send({"type": "http.response.body", "body": events.encode(), "more_body": False})
+
+
+class ApiKey:
+    """ASGI middleware: with a key set, a request under /v1/ without `Authorization: Bearer <key>` is refused with
+    401 from its headers, before any of its body is read (a client without the key makes the service hold nothing)."""
+
+    def __init__(self, app: ASGIApp, key: str | None):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        if self.key is None or scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key.encode()):
+            return await self.app(scope, receive, send)
+        message = "a valid API key is needed: Authorization: Bearer <key>" if given else \
+            "this service needs an API key: Authorization: Bearer <key>"
+        await JSONResponse(error_body(message, kind="authentication_error", code=401), status_code=401)(
+            scope, receive, send)
 
 
 class BodyLimit:

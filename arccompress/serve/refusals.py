@@ -76,7 +76,7 @@ async def invalid_body(request: Request, exc: Invalid) -> JSONResponse:
 
 
 async def unreadable_body(request: Request, exc: BodyError) -> JSONResponse:
-    return error_response(exc.status, str(exc))
+    return error_response(exc.status, str(exc), param=exc.param)
 
 
 async def starlette_refusal(request: Request, exc: HTTPException) -> JSONResponse:

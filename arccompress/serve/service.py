@@ -248,7 +248,9 @@ class Service:
         """Each group's slots with documents replaced by their contexts (all documents of the request at once)."""
         flat = [(g, k, s) for g, group in enumerate(groups) for k, s in enumerate(group)]
         wanted = [(g, k, s) for g, k, s in flat if isinstance(s, (TextDocument, StoredId))]
-        self.resolver.check_ids([(s.id, s.where) for _, _, s in wanted if isinstance(s, StoredId)])
+        ids = [(s.id, s.where) for _, _, s in wanted if isinstance(s, StoredId)]
+        if ids:  # a store lookup: off the event loop
+            await asyncio.to_thread(self.resolver.check_ids, ids)
         contexts = await self.resolver.resolve([s.id if isinstance(s, StoredId) else s for _, _, s in wanted])
         out = [list(group) for group in groups]
         for (g, k, _), ctx in zip(wanted, contexts):

@@ -164,6 +164,18 @@ class ContextStore:
             self.refresh()  # another writer may have added it
             return key in self._state
 
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        """The ids of `keys` this store does not hold, in order, each once: one lookup for all of them, and one look
+        at the latest version when any is absent (where `id not in store` for each would look once per id)."""
+        if isinstance(keys, str):
+            raise InputTypeError("missing takes a list of ids")
+        with self._lock:
+            absent = self._state.missing([k for k in dict.fromkeys(keys) if k not in self._queue])
+            if absent:
+                self.refresh()  # another writer may have added them
+                absent = self._state.missing(absent)
+        return absent
+
     def __iter__(self) -> Iterator[str]:
         with self._lock:
             self.refresh()
