@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -233,3 +234,24 @@ def test_tiny_models_on_every_model_command(tmp_path):
                             for i in range(4)))
     out = run("eval", "--tiny", "--data", data, "--shots", "1", "--modes", "compressed", "--no-progress")
     assert out.returncode == 0 and "compressed" in out.stdout, out.stderr
+
+
+def test_info_on_contexts_stored_without_their_text_says_so(tiny_dir, tmp_path, capsys):
+    """A store whose contexts came without their text (added that way, or converted from a store that did not keep
+    it) has no raw-text size to compare with: `info` says so, instead of "vs 0.00"."""
+    from dataclasses import replace
+
+    from arccompress import Compressor, ContextStore
+
+    comp = Compressor.from_pretrained(tiny_dir / "hub", device="cpu")
+    made = comp.compress(["A first passage about rivers.", "A second one about mountains."])
+    with ContextStore(tmp_path / "bare", compressor=comp) as store:
+        store.add_many(["a", "b"], [replace(c, text=None) for c in made])
+    assert main(["info", str(tmp_path / "bare")]) == 0
+    out = capsys.readouterr().out
+    assert "raw text of unknown size" in out and "vs 0.00" not in out
+    with ContextStore(tmp_path / "bare", compressor=comp) as store:
+        store.add("c", comp.compress("A third passage, with its text."))
+    assert main(["info", str(tmp_path / "bare")]) == 0
+    out = capsys.readouterr().out
+    assert "of raw UTF-8 text" in out and re.search(r"known for \d+ of the \d+ tokens", out)

@@ -369,6 +369,14 @@ def test_ray_reads_the_store(ray_cluster, single_process):
     assert ds.count() == 2000 and {"id", "codes", "num_tokens"} <= set(ds.schema().names)
 
 
+def test_gpus_asked_of_a_cluster_without_them_name_the_flag_given(ray_cluster, tiny_dir, tmp_path):
+    with pytest.raises(InputError, match=r"num_gpus_per_worker=1 \(--num-gpus-per-worker\), and the Ray cluster has 0 "
+                                         r"GPUs") as raised:
+        compress_corpus(ROWS[:10], tmp_path / "s", encoder=tiny_dir / "hub", engine="ray", num_gpus_per_worker=1,
+                        show_progress=False)
+    assert "num_workers" not in str(raised.value)
+
+
 def test_ray_is_quiet_from_the_command_line(tiny_dir, tmp_path):
     """`compress --engine ray --no-progress` prints Ray's own lines only with --verbose (issue 20: 45 lines)."""
     pytest.importorskip("ray")

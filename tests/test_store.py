@@ -220,7 +220,8 @@ def test_identity_is_checked_on_open_and_add(comp, tiny_dir, contexts, tmp_path)
         with pytest.raises(TypeError):
             store.add("c", "not a context")
         other = Compressor.from_pretrained(tiny_dir / "multi", head=1)
-        with pytest.raises(StoreError, match="encoder_fingerprint"):
+        with pytest.raises(StoreError, match="encoder_fingerprint.*compress it with that encoder, or store it in a "
+                                             "store of its own"):
             store.add("b", other.compress("text b"))
         with pytest.raises(StoreError, match="carries only as"):
             store.add("d", contexts[2].to())  # copies keep `pooled`: drop it as save/load does
@@ -231,7 +232,8 @@ def test_identity_is_checked_on_open_and_add(comp, tiny_dir, contexts, tmp_path)
         with pytest.raises(ValueError, match="context 'f': bottleneck vectors: NaN"):  # the third of three
             store.add_many(["e", "e2", "f"], [contexts[3], contexts[4], nan])  # none is queued
         assert list(store) == ["a", "d"]
-    with pytest.raises(StoreError, match="encoder_fingerprint"):
+    with pytest.raises(StoreError, match=r"encoder_fingerprint.*: open it with that encoder \(--encoder .+\), or "
+                                         "give this one a store of its own"):
         ContextStore(tmp_path / "s", compressor=other)
     with pytest.raises(StoreError, match="keeps bottleneck-float16, not decoder-float16"):
         ContextStore(tmp_path / "s", dtype="float16")

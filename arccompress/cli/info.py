@@ -53,8 +53,12 @@ def print_store(path: str | Path, options: dict[str, str] | None = None) -> int:
         ("tokens", f"{s['tokens']:,} -> {s['embeddings']:,} embeddings"),
         ("on disk", f"{s['data_bytes'] / 1e6:,.2f} MB in {s['fragments']} data files "
                     f"(+ {s['codec_bytes'] / 1e6:.2f} MB codec file)"),
-        ("bytes per token", f"{s['bytes_per_token']:.2f} stored vs {s['text_bytes_per_token']:.2f} of raw UTF-8 text"),
+        ("bytes per token", f"{s['bytes_per_token']:.2f} stored vs " + (
+            f"{s['text_bytes_per_token']:.2f} of raw UTF-8 text" if s["text_bytes_per_token"] is not None else
+            "raw text of unknown size (its contexts were stored without their text)")),
     ]
+    if s["text_bytes_per_token"] is not None and s["text_tokens"] < s["tokens"]:
+        rows.append(("raw text", f"known for {s['text_tokens']:,} of the {s['tokens']:,} tokens"))
     if s["duplicates"]:
         rows.append(("shadowed", f"{s['duplicates']} rows repeat an id (the first committed is read; `arccompress "
                                  "store compact` drops them)"))

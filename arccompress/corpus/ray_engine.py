@@ -95,11 +95,13 @@ class Resources:
         gpus = ray.cluster_resources().get("GPU", 0)
         if num_gpus_per_worker is None:
             num_gpus_per_worker = 1 if gpus else 0
+        if num_gpus_per_worker > gpus:
+            raise InputError(f"num_gpus_per_worker={num_gpus_per_worker:g} (--num-gpus-per-worker), and the Ray cluster "
+                             f"has {gpus:g} GPUs: ask for at most {gpus:g}, or leave it out to compress on the CPUs")
         if num_workers is None:
             num_workers = int(gpus // num_gpus_per_worker) if num_gpus_per_worker else 2
         if num_workers < 1:
-            raise InputError(f"num_workers must be at least 1 (the cluster has {gpus:g} GPUs, "
-                             f"{num_gpus_per_worker:g} per worker asked for)")
+            raise InputError(f"num_workers must be at least 1 (--num-workers), not {num_workers}")
         if num_cpus_per_worker is None:
             cpus = ray.cluster_resources().get("CPU", 1)
             num_cpus_per_worker = 1.0 if num_gpus_per_worker else max(0.25, (cpus - 1) / num_workers)

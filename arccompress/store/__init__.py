@@ -280,14 +280,17 @@ class ContextStore:
         return [None if k is None else read[k] for k in ids]
 
     def stats(self) -> dict[str, Any]:
-        """Sizes on disk next to the raw text's: the paper's storage claim, on your data."""
+        """Sizes on disk next to the raw text's: the paper's storage claim, on your data. The text's side counts the
+        contexts stored with their text (`text_tokens` of `tokens`); with none, `text_bytes_per_token` is None and
+        `size_vs_text` NaN: the size of the text is not known (contexts added without it, or converted from a store
+        that did not keep it)."""
         with self._lock:
             self.refresh()
             s = self._state.stats()
-        tokens, text, disk = s["tokens"], s["text_bytes"], s["data_bytes"]
+        tokens, text, text_tokens, disk = s["tokens"], s["text_bytes"], s["text_tokens"], s["data_bytes"]
         return s | {"bytes_per_token": disk / tokens if tokens else 0.0,
-                    "text_bytes_per_token": text / tokens if tokens else 0.0,
-                    "size_vs_text": disk / text if text else float("nan")}
+                    "text_bytes_per_token": text / text_tokens if text_tokens else None,
+                    "size_vs_text": (disk / tokens) / (text / text_tokens) if text_tokens and text else float("nan")}
 
     def dataset(self) -> lance.LanceDataset:
         """The Lance dataset at this handle's version: a pyarrow Dataset that DuckDB, polars and Ray read (every
@@ -346,7 +349,8 @@ class ContextStore:
             if not reference.matches(ctx, every_head=every_head):
                 mismatch = reference.mismatch(Identity.of_context(ctx), every_head=every_head)
                 raise StoreError(f"context {key!r} does not belong in {self.location}: {mismatch} (store made by "
-                                 f"encoder {reference.encoder!r})")
+                                 f"encoder {reference.encoder!r}): compress it with that encoder, or store it in a "
+                                 "store of its own")
         return reference
 
     def _batch(self, keys: Sequence[str], contexts: Sequence[CompressedContext]) -> Batch | None:

@@ -171,7 +171,7 @@ class NewStore:
 
     def stats(self) -> dict[str, Any]:
         return {"contexts": 0, "tokens": 0, "embeddings": 0, "codec": self.codec_label, "fragments": 0,
-                "duplicates": 0, "data_bytes": 0, "codec_bytes": 0, "text_bytes": 0, "version": None}
+                "duplicates": 0, "data_bytes": 0, "codec_bytes": 0, "text_bytes": 0, "text_tokens": 0, "version": None}
 
     # ------------------------------------------------------------------ becoming a store
 
@@ -310,7 +310,8 @@ class OpenStore:
                                                   every_head=manifest.space.serves_every_head)
             if mismatch:
                 raise StoreError(f"the compressor does not belong in {location}: {mismatch} (store made by encoder "
-                                 f"{manifest.identity.encoder!r})")
+                                 f"{manifest.identity.encoder!r}): open it with that encoder (--encoder "
+                                 f"{manifest.identity.encoder}), or give this one a store of its own")
         return cls(location, manifest, table, compressor, head, pinned=version is not None)
 
     def _head(self, h: int) -> DecoderHead:
@@ -398,7 +399,10 @@ class OpenStore:
                 "fragments": len(fragments), "duplicates": len(table.shadowed()),
                 "data_bytes": sum(d.file_size_bytes or 0 for f in fragments for d in f.metadata.files),
                 "codec_bytes": self.manifest.get("codec_bytes", 0),
-                "text_bytes": pc.sum(rows.column("text_bytes")).as_py() or 0, "version": table.version}
+                "text_bytes": pc.sum(rows.column("text_bytes")).as_py() or 0,
+                # the tokens of the contexts stored with their text's size (contexts added without text have none)
+                "text_tokens": pc.sum(rows.filter(pc.is_valid(rows.column("text_bytes"))).column("num_tokens")).as_py()
+                or 0, "version": table.version}
 
     # ------------------------------------------------------------------ writing
 
