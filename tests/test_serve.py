@@ -84,6 +84,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        self.text = self.output()  # all it printed, to its exit
         self.log.close()
         return self.proc.returncode
 

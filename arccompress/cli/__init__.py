@@ -73,6 +73,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGINT, previous)
 
 
+def command() -> None:
+    """The `arccompress` program: `main`, then the process's exit. After a command that ran vLLM (without
+    --verbose) the interpreter's own shutdown writes to /dev/null: vLLM's dependencies report their objects at
+    exit (triton's nanobind: "leaked 514 functions!"), after the command's last line."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if "vllm" in sys.modules and "--verbose" not in argv:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+    sys.exit(code)
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
 

@@ -1,7 +1,5 @@
 """`python -m arccompress.cli`: the `arccompress` command."""
 
-import sys
+from . import command
 
-from . import main
-
-sys.exit(main())
+command()

@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,16 @@ _stream_ids = itertools.count()
 
 
 def quiet_vllm(verbose: bool) -> None:
-    """vLLM's logs at warnings, in this process and in the engine processes it starts, unless `verbose` (or the
-    user set VLLM_LOGGING_LEVEL)."""
+    """vLLM's own lines hidden unless `verbose` (or the user set VLLM_LOGGING_LEVEL), in this process and in the
+    engine processes it starts: its logs at errors, torch's C++ warnings, its dependencies' Python warnings (and
+    the resource tracker's note at exit on shared memory that vLLM releases itself). Before vLLM is imported."""
     if verbose:
         return
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # read by every process vLLM starts
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # read by every process vLLM starts
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the engine's "NUMA binding" warning
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,"
+                                            "ignore::UserWarning:multiprocessing.resource_tracker")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="vllm")
     logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])  # vllm may be imported already
 
 
@@ -80,12 +86,13 @@ def prepare_engine(
     if quantization == "8bit":
         raise InputError("vLLM quantizes in flight to 4 bits only (bitsandbytes): use quantization='4bit', "
                          "'fp8' on a recent GPU, or a pre-quantized checkpoint")
+    quiet_vllm(verbose)
     require("vllm", "a vLLM engine")
     if quantization is not None:
         llm_kwargs["quantization"] = QUANTIZATION.get(quantization, quantization)
     if local_files_only:
         os.environ["HF_HUB_OFFLINE"] = "1"  # vLLM reads the hub by itself: offline for it too
-    quiet_vllm(verbose)
+    llm_kwargs.setdefault("use_tqdm_on_load", verbose)  # its weight-loading bar
     engine_memory(llm_kwargs, gpu_memory_utilization, kv_cache_gib)
     return decoder_files(decoder, tokenizer=tokenizer, revision=revision, token=token,
                          local_files_only=local_files_only)
