@@ -27,6 +27,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "arccompress.wire": ("arccompress.engines.remote.http",),
     "arccompress.openai_api": ("arccompress.engines.remote.replies",),
     "arccompress.runtime": ("arccompress.devices", "arccompress.console"),
+    "arccompress.codec": ("arccompress.store.codec",),
 }
 
 

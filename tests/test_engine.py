@@ -285,6 +285,11 @@ def test_old_import_paths_still_work_and_say_where_to_go():
     assert old_runtime.resolve_device is resolve_device and old_runtime.progress_bar is progress_bar
     with pytest.warns(DeprecationWarning):
         assert importlib.import_module("arccompress.vllm.generator").engine_memory
+    from arccompress.store.codec import parse_codec
+
+    sys.modules.pop("arccompress.codec", None)
+    with pytest.warns(DeprecationWarning, match=r"arccompress\.codec moved: import from arccompress\.store\.codec"):
+        assert importlib.import_module("arccompress.codec").parse_codec is parse_codec
     with pytest.raises(AttributeError, match="moved to arccompress.engines.transformers"):
         with pytest.warns(DeprecationWarning):
             importlib.import_module("arccompress.generation").no_such_name

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from arccompress import CompressedContext, Compressor, ContextStore, Generator, InputError, StoreError
-from arccompress.codec import Codec, CodecError, parse_codec
+from arccompress.store.codec import Codec, CodecError, parse_codec
 from arccompress.store import row_schema
 
 TEXTS = {f"doc-{i}": f"Document number {i} says something about topic {i * 7}. " * (i % 9 + 1) for i in range(60)}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..codec import parse_codec
+from ..store.codec import parse_codec
 from ..compressor import check_batching
 from ..errors import InputError
 from ..extras import require

@@ -13,10 +13,11 @@ whose text the store holds (compressed with the same chunk size, under whatever 
 so that a retriever's documents find their precomputed contexts without anyone threading ids); any other is its
 text compressed. They travel as documents, never as prompt text. With a local engine (`Generator`,
 `VLLMGenerator`, `VLLMClient`) stored contexts are read here, one `store.get_many` per call, and texts are
-compressed here, one batched call, so the engine receives contexts (and their counts are known before a stream
-starts); `store` defaults to the engine's own. With a service (`ServiceClient`) a stored id travels as
-`ContextRef(id)` and a text as `ContextText`: the service reads its own store and compresses, and `store=` only
-says which ids the service holds (any container of ids: a set, or the store's folder opened as a ContextStore).
+compressed here, one batched call (`resolve_documents`, as every engine's prompts do), so the engine receives
+contexts (and their counts are known before a stream starts); `store` defaults to the engine's own. With a service
+(`ServiceClient`) a stored id travels as `ContextRef(id)` and a text as `ContextText`: the service reads its own
+store and compresses, and `store=` only says which ids the service holds (any container of ids: a set, or the
+store's folder opened as a ContextStore).
 
 Prompt. By default the paper's few-shot QA format (`fewshot_qa_prompt`), read as the paper's evaluation reads
 it: generation stops at the first blank line and the answer is stripped, so it equals `engine.answer(question,
@@ -39,7 +40,8 @@ from typing import Any, Union
 from ..context import CompressedContext
 from ..engines.base import ANSWER_MAX_NEW_TOKENS, Engine, LocalEngine, Sampling
 from ..errors import InputError, InputTypeError
-from ..prompts import ANSWER_END, ContextRef, ContextText, Document, Part, Prompt, fewshot_qa_prompt, normalize_one
+from ..prompts import (ANSWER_END, ContextRef, ContextText, Document, Part, Prompt, fewshot_qa_prompt, normalize_one,
+                       resolve_documents)
 from ..tokenization import check_text
 
 PromptFunction = Callable[[str, list[Document]], Prompt]
@@ -190,21 +192,14 @@ class DocumentQA:
                     found[i] = key
             stored += [(k, key) for (k, _, _), key in zip(texts, found) if key is not None]
             texts = [t for t, key in zip(texts, found) if key is None]
-        if not self.local:  # the service reads its store and compresses
+        for k, key in stored:
+            parts[k] = ContextRef(key)
+        for k, _, text in texts:
+            parts[k] = ContextText(text, self.chunk_size)
+        if self.local:  # read and compressed here, one get_many and one compress call (a service does both itself)
+            parts = resolve_documents([parts], self.engine.compressor, self.store)[0]
             for k, key in stored:
-                parts[k] = ContextRef(key)
-            for k, _, text in texts:
-                parts[k] = ContextText(text, self.chunk_size)
-            return parts, len(stored)  # type: ignore[return-value]  # every place is filled
-        if stored:
-            read = self.store.get_many([key for _, key in stored], device=self.engine.compressor.device)
-            for (k, key), ctx in zip(stored, read):
-                self.engine.prompts.check_context(ctx, f"{passages[k].where} (id {key!r}, read from the store)")
-                parts[k] = ctx
-        if texts:
-            made = self.engine.compressor.compress([t for _, _, t in texts], chunk_size=self.chunk_size)
-            for (k, _, _), ctx in zip(texts, made):
-                parts[k] = ctx
+                self.engine.prompts.check_context(parts[k], f"{passages[k].where} (id {key!r}, read from the store)")
         return parts, len(stored)  # type: ignore[return-value]  # every place is filled
 
     def prompt_parts(self, question: str, documents: list[Document], spec: PromptSpec) -> list[Part]:

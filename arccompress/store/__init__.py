@@ -29,7 +29,7 @@ import lance
 import pyarrow as pa
 import torch
 
-from ..codec import DEFAULT_CODEC, PQ_MIN_TRAIN, Codec, parse_codec
+from .codec import DEFAULT_CODEC, PQ_MIN_TRAIN, Codec, parse_codec
 from ..compressor import Compressor
 from ..context import CompressedContext
 from ..errors import ContextNotFoundError, InputError, InputTypeError, StoreError
@@ -54,7 +54,7 @@ class ContextStore:
     >>> store.close()
     >>> ContextStore("wiki-store").get_many(["doc-7", "doc-42"])   # CompressedContexts, ready for a Generator
 
-    codec: how contexts are kept (see `arccompress.codec`); the default, "bottleneck-float16", keeps the
+    codec: how contexts are kept (see `arccompress.store.codec`); the default, "bottleneck-float16", keeps the
     head's bottleneck in float16, which the decoder reads exactly as float16 post-head vectors at half
     their size. `dtype=` (arccompress 0.1) means the decoder-space codec of that dtype. A store opened
     again takes its codec from its description.

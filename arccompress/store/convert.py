@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..codec import parse_codec
+from .codec import parse_codec
 from ..errors import StoreError
 from .legacy import parse_manifest, read_manifest, read_v1, rows
 from .location import Location

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from ..codec import Codec, parse_codec
+from .codec import Codec, parse_codec
 from ..context import CompressedContext
 from ..errors import InputError, StoreError
 from ..heads import DecoderHead

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ..codec import Codec
+from .codec import Codec
 from ..errors import StoreError
 from .format import CHECKED, FIELDS, cont_added, row_checksum
 from .table import ADDRESS, StoreTable, data_file, fragment_of

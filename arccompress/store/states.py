@@ -16,7 +16,7 @@ import lance
 import pyarrow.compute as pc
 import torch
 
-from ..codec import PQ_MIN_TRAIN, Codec, parse_codec
+from .codec import PQ_MIN_TRAIN, Codec, parse_codec
 from ..context import CompressedContext
 from ..errors import CodecError, InputError, StoreError
 from ..heads import DecoderHead

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import torch
 from lance.fragment import FragmentMetadata, write_fragments
 
-from ..codec import FLOAT_QUANTIZERS, Codec
+from .codec import FLOAT_QUANTIZERS, Codec
 from ..context import CompressedContext, check_finite
 from ..errors import InputError, StoreError
 from .format import COLUMNS, FIELDS, METADATA_KEY, checksums, cont_added, row_schema

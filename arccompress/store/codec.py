@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CodecError, InputTypeError
-from .extras import missing
+from ..errors import CodecError, InputTypeError
+from ..extras import missing
 
 SPACES = ("decoder", "bottleneck", "encoder")
 QUANTIZERS = ("float32", "float16", "bfloat16", "int8", "pq")
