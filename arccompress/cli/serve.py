@@ -10,7 +10,8 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, NotFoundError
-from .options import add_encoder_options, compressor_kwargs, positive_float, positive_int, resolve_models
+from .options import (add_encoder_options, compressor_kwargs, non_negative_float, positive_float, positive_int,
+                      resolve_models)
 
 if TYPE_CHECKING:  # the service's modules (FastAPI, pydantic) load only when the command runs
     from ..serve import ServiceConfig
@@ -40,6 +41,26 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     g.add_argument("--enforce-eager", action="store_true", help="vllm: no CUDA graphs / torch.compile")
     g.add_argument("--block-size", type=positive_int, help="vllm: positions per KV-cache block (prefix caching shares "
                                                             "whole blocks; default 16 on GPUs, 32 here on a CPU)")
+    g = p.add_argument_group("upstreams: vLLM servers that generate, in front of which this server compresses")
+    g.add_argument("--upstream", action="append", metavar="URL",
+                   help="a vLLM OpenAI server (http://host:port, with or without /v1) of the decoder, started with "
+                        "--enable-prompt-embeds and reachable by this server alone; repeat for several. This server "
+                        "keeps the decoder's tokenizer and input embeddings, never its other weights")
+    g.add_argument("--upstream-api-key", help="the upstreams' API key (default: $ARCCOMPRESS_UPSTREAM_API_KEY, if set)")
+    g.add_argument("--upstream-model", help="the upstreams' model name (default: their only one)")
+    g.add_argument("--routing", choices=["documents", "prompt", "round-robin"], default="documents",
+                   help="documents (default): requests with the same leading content (instructions, examples, then the "
+                        "same first document) go to the same upstream, whose prefix cache holds it; prompt: only "
+                        "identical prompts do; round-robin: in turn")
+    g.add_argument("--load-factor", type=positive_float, default=1.25,
+                   help="an upstream holding more than this times its share of the requests in flight passes work to "
+                        "the next in the request's ranking (default 1.25)")
+    g.add_argument("--upstream-timeout", type=positive_float, default=600.0,
+                   help="seconds a request may take on the upstreams, failovers included (default 600)")
+    g.add_argument("--health-interval", type=positive_float, default=5.0,
+                   help="seconds between health probes of each upstream (default 5)")
+    g.add_argument("--upstream-wait", type=non_negative_float, default=300.0,
+                   help="seconds to wait at start for an upstream to answer (default 300)")
     g = p.add_argument_group("throughput and limits")
     g.add_argument("--batch-window-ms", type=positive_float, default=5.0,
                    help="how long concurrent requests' texts gather into one encoder call (default 5 ms)")
@@ -59,11 +80,25 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """What the backend gets: transformers' Generator.from_pretrained or vLLM's AsyncEngineArgs."""
+    """What the backend gets: transformers' Generator.from_pretrained, vLLM's AsyncEngineArgs, or the upstreams'
+    AsyncVLLMFleet.connect."""
+    engine_flags = [f"--{k.replace('_', '-')}" for k in ("quantization", "max_model_len", "tensor_parallel_size",
+                                                         "gpu_memory_utilization", "kv_cache_gib", "block_size")
+                    if getattr(args, k) is not None] + (["--enforce-eager"] if args.enforce_eager else [])
+    if args.upstream:
+        if args.backend != "transformers" or engine_flags:
+            given = (["--backend"] if args.backend != "transformers" else []) + engine_flags
+            raise InputError(f"{', '.join(given)}: with --upstream the upstreams generate; give these to them")
+        options = {"model": args.upstream_model, "routing": args.routing, "load_factor": args.load_factor,
+                   "timeout": args.upstream_timeout, "health_interval": args.health_interval,
+                   "wait": args.upstream_wait, "dtype": args.dtype, "local_files_only": args.offline or None}
+        return {k: v for k, v in options.items() if v is not None}
+    upstream_only = [flag for flag, given in (("--upstream-api-key", args.upstream_api_key),
+                                              ("--upstream-model", args.upstream_model)) if given]
+    if upstream_only:
+        raise InputError(f"{', '.join(upstream_only)} configure upstreams: add --upstream URL")
     if args.backend == "transformers":
-        vllm_only = [f"--{k.replace('_', '-')}" for k in ("max_model_len", "tensor_parallel_size",
-                                                          "gpu_memory_utilization", "kv_cache_gib", "block_size")
-                     if getattr(args, k) is not None] + (["--enforce-eager"] if args.enforce_eager else [])
+        vllm_only = [flag for flag in engine_flags if flag != "--quantization"]
         if vllm_only:
             raise InputError(f"{', '.join(vllm_only)} configure vLLM: add --backend vllm")
         if args.quantization not in (None, "4bit", "8bit"):
@@ -82,6 +117,8 @@ def config_from(args: argparse.Namespace) -> ServiceConfig:
     from ..serve import Limits, ServiceConfig
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("ARCCOMPRESS_API_KEY") or None
+    upstream_key = args.upstream_api_key if args.upstream_api_key is not None else \
+        os.environ.get("ARCCOMPRESS_UPSTREAM_API_KEY") or None
     return ServiceConfig(
         encoder=str(args.encoder), decoder=str(args.decoder), store=args.store, backend=args.backend,
         served_name=args.served_model_name, api_key=api_key,
@@ -90,7 +127,8 @@ def config_from(args: argparse.Namespace) -> ServiceConfig:
         limits=Limits(max_documents=args.max_documents, max_document_tokens=args.max_document_tokens,
                       max_body_bytes=args.max_body_bytes),
         batch_window=args.batch_window_ms / 1000, batch_tokens=args.batch_tokens, cache_size=args.cache_size,
-        max_batch=args.max_batch, verbose=args.verbose)
+        max_batch=args.max_batch, verbose=args.verbose, upstreams=tuple(args.upstream or ()),
+        upstream_api_key=upstream_key if args.upstream else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         print(f"arccompress serve: warning: binding {args.host} without --api-key: anyone who reaches it may use it",
               file=sys.stderr)
+    if config.upstreams:
+        check_upstreams_first(config)
     if args.ray:
         return run_on_ray(args, config)
     if args.replicas != 1 or args.gpus_per_replica is not None or args.address:
@@ -124,6 +164,21 @@ def run(args: argparse.Namespace) -> int:
     if terminated:
         print("arccompress serve: stopped by SIGTERM after finishing the requests in flight", file=sys.stderr)
     return 0
+
+
+def check_upstreams_first(config: ServiceConfig) -> None:
+    """The upstreams' start-up checks before any model loads: one refusing (no --enable-prompt-embeds, another
+    key, another model) or none answering is one line and exit 2, in seconds."""
+    from ..engines.decoder_files import decoder_config
+    from ..engines.remote.fleet import check_upstreams, upstream_root
+
+    options = config.engine_options
+    hidden = decoder_config(config.decoder, local_files_only=options.get("local_files_only")).get("hidden_size")
+    if not isinstance(hidden, int):
+        raise InputError(f"{config.decoder}: its config.json does not say its hidden_size")
+    check_upstreams([upstream_root(u) for u in config.upstreams], hidden_size=hidden, api_key=config.upstream_api_key,
+                    model=options.get("model"), wait=options.get("wait", 300.0),
+                    say=lambda line: print(f"arccompress serve: {line}", file=sys.stderr, flush=True))
 
 
 def run_on_ray(args: argparse.Namespace, config: ServiceConfig) -> int:

@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from ..engines.base import Sampling
-from ..errors import ArcCompressError, ContextNotFoundError, EngineError, InputError
+from ..errors import ArcCompressError, ContextNotFoundError, EngineError, InputError, UnavailableError
 from ..prompts import first_answer
 from ..version import __version__
 from ..engines.text import Delta
@@ -165,6 +165,9 @@ def build_app(config: ServiceConfig | None = None, *, service: Service | None = 
             return error_response(exc.status, str(exc), param=exc.param)
         if isinstance(exc, ContextNotFoundError):
             return error_response(404, str(exc))
+        if isinstance(exc, UnavailableError):
+            logger.warning("engine unavailable: %s", exc)
+            return error_response(503, str(exc), headers={"Retry-After": "1"})
         if isinstance(exc, EngineError):
             logger.error("engine failure: %s", exc)
             return error_response(500, str(exc))

@@ -25,6 +25,7 @@ from ..tokenization import check_text
 from ..store import ContextStore
 from ..engines.base import Sampling
 from ..engines.base import AsyncEngine, Observer
+from ..engines.remote.fleet import AsyncVLLMFleet
 from ..engines.text import Delta
 from ..engines.transformers_async import AsyncGenerator
 from ..engines.vllm_async import AsyncVLLMGenerator
@@ -85,8 +86,14 @@ class Service:
         self.compressor = await asyncio.to_thread(Compressor.from_pretrained, c.encoder, **c.encoder_options)
         if c.store is not None:
             self.store = await asyncio.to_thread(ContextStore, c.store, compressor=self.compressor)
-        observer = Observer(tokens=self.metrics.generated_tokens.inc, prefix_cache=self.metrics.prefix_cache)
-        if c.backend == "vllm":
+        observer = Observer(tokens=self.metrics.generated_tokens.inc, prefix_cache=self.metrics.prefix_cache,
+                            routed=self.metrics.routed, failed=self.metrics.upstream_failed)
+        if c.backend == "upstream":
+            self.backend = await AsyncVLLMFleet.connect(c.upstreams, c.decoder, self.compressor,
+                                                        api_key=c.upstream_api_key, observer=observer,
+                                                        **c.engine_options)
+            self.metrics.watch_upstreams(self.backend.upstreams)
+        elif c.backend == "vllm":
             self.backend = await asyncio.to_thread(AsyncVLLMGenerator.load, c.decoder, self.compressor,
                                                    options=c.engine_options, verbose=c.verbose, observer=observer)
         else:
