@@ -20,7 +20,7 @@ from .errors import MissingDependencyError
 # extra -> the modules it brings, as code imports them (pyproject.toml's [project.optional-dependencies])
 EXTRAS: dict[str, tuple[str, ...]] = {
     "client": ("httpx",),
-    "serve": ("fastapi", "uvicorn", "prometheus_client", "pydantic", "httpx"),
+    "serve": ("fastapi", "uvicorn", "prometheus_client", "pydantic", "httpx", "ijson"),
     "vllm": ("vllm",),
     "ray": ("ray", "ray.data", "ray.serve"),
     "pq": ("faiss",),

@@ -13,6 +13,12 @@ and, as the ceiling, (d) `VLLMGenerator` in process, all 256 prompts in one call
 Requests/s, generated tokens/s, time to first token p50/p95, and the service's prefix-cache hit rate (every
 prompt starts with the same example documents: the same context bytes each time). Random weights; the real
 Mistral tokenizer for the decoder and the real Llama 3 one for the encoder (text lengths are realistic).
+
+First, (e) a soak: a fresh service with a bounded compression cache (`--cache-mib`) under 32 clients for ten minutes,
+every request with five documents never seen before: the service's resident memory over time (its process, and
+with the vLLM engine's process), and the latency p50/p95 per minute, as a plot and a table; the memory at the end
+must stay within the memory at the start plus the cache's budget plus a stated margin. The machine's load average
+is recorded beside every section (the figures are only comparable on an otherwise idle machine).
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import torch
 from transformers import AutoTokenizer
 from vllm import SamplingParams
@@ -40,7 +48,7 @@ from vllm import SamplingParams
 from arccompress import Compressor, ContextRef, ContextStore, ContextText, fewshot_qa_prompt
 from arccompress.compressor import bundled_llama3_tokenizer
 from arccompress.tiny import build_tiny_encoder
-from arccompress.vllm import VLLMGenerator
+from arccompress.engines import VLLMGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -50,11 +58,15 @@ from bench_store import corpus  # noqa: E402
 
 PRESETS = {
     "cpu": dict(prompts=256, clients=(1, 8, 32), new_tokens=32, kv_cache_gib=4, max_model_len=2048,
-                engine_flags=[]),
+                engine_flags=[], soak_seconds=600, soak_clients=32, soak_cache_mib=64),
     "gpu": dict(prompts=2048, clients=(1, 32, 256), new_tokens=64, kv_cache_gib=None, max_model_len=8192,
-                engine_flags=["--gpu-memory-utilization", "0.80"]),
+                engine_flags=["--gpu-memory-utilization", "0.80"], soak_seconds=600, soak_clients=256,
+                soak_cache_mib=1024),
 }
-SMALL = dict(prompts=12, clients=(1, 4), new_tokens=4, engine_flags=["--enforce-eager"])
+SMALL = dict(prompts=12, clients=(1, 4), new_tokens=4, engine_flags=["--enforce-eager"], soak_seconds=10,
+             soak_clients=4, soak_cache_mib=1)
+SOAK_MARGIN_MIB = 256  # what the soak's memory may grow beyond the cache's budget: allocator slack, requests in flight
+SOAK_SAMPLE_S = 5.0
 
 
 def free_port() -> int:
@@ -145,6 +157,128 @@ def load(base_url: str, model: str, prompts: list, clients: int, new_tokens: int
             "ttft_p95_s": ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))]}
 
 
+def unique_prompts(docs: list[str], example: list, seed: int):
+    """A function k -> the k-th soak prompt: the shared few-shot example, then five documents never sent before."""
+
+    def prompt(k: int) -> list:
+        rng = random.Random(seed * 1_000_003 + k)
+        fresh = [{"type": "document", "text": f"Report {k}.{j}: {rng.choice(docs)}"} for j in range(5)]
+        return [*example, "Document: ", *fresh, f"\nQuestion: What does report {k} say?\nAnswer:"]
+
+    return prompt
+
+
+def soak(url: str, pid: int, prompt_of, seconds: float, clients: int, new_tokens: int) -> dict:
+    """`clients` threads send `prompt_of(k)` for k = 0, 1, ... until `seconds` have passed; every SOAK_SAMPLE_S the
+    service's resident memory (its process; with its children, the vLLM engine), the cache's bytes and the requests
+    done; per minute, the latency p50/p95 of the requests that ended in it."""
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=3600)
+    server = psutil.Process(pid)
+    counter = iter(range(1 << 62))
+    lock = threading.Lock()
+    done: list[tuple[float, float]] = []  # (seconds since the start when it ended, latency)
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def one(k: int) -> float:
+        start = time.perf_counter()
+        client.completions.create(model="decoder", prompt=prompt_of(k), max_tokens=new_tokens, temperature=0)
+        return time.perf_counter() - start
+
+    def worker() -> None:
+        while not stop.is_set():
+            with lock:
+                k = next(counter)
+            try:
+                latency = one(k)
+            except openai.APIError as e:
+                failures.append(repr(e)[:200])
+                continue
+            done.append((time.perf_counter() - started, latency))
+
+    def rss_mib() -> tuple[float, float]:
+        own, total = server.memory_info().rss, 0
+        for p in [server, *server.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return own / 2**20, total / 2**20
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:  # warm-up: the first batches, the cache's first fill
+        list(pool.map(one, range(-2 * clients, 0)))
+    metrics = url.removesuffix("/v1") + "/metrics"
+    samples = []
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    while True:
+        elapsed = time.perf_counter() - started
+        own, total = rss_mib()
+        samples.append({"seconds": elapsed, "rss_mib": own, "rss_with_engine_mib": total, "requests": len(done),
+                        "cache_mib": metric(metrics, "arccompress_compression_cache_bytes") / 2**20,
+                        "load": os.getloadavg()[0]})
+        if elapsed >= seconds:
+            break
+        time.sleep(min(SOAK_SAMPLE_S, seconds - elapsed))
+    stop.set()
+    for t in threads:
+        t.join()
+    minutes = []
+    for m in range(int(seconds // 60) or 1):
+        window = sorted(lat for end, lat in done if m * 60 <= end < (m + 1) * 60 or (seconds < 60 and end >= 0))
+        if window:
+            minutes.append({"minute": m + 1, "requests": len(window), "p50_s": statistics.median(window),
+                            "p95_s": window[min(len(window) - 1, int(0.95 * len(window)))],
+                            "rss_mib": next(s["rss_mib"] for s in samples if s["seconds"] >= min((m + 1) * 60, seconds)
+                                            or s is samples[-1])})
+    budget = metric(metrics, "arccompress_compression_cache_budget_bytes") / 2**20
+    start_rss, end_rss = samples[0]["rss_mib"], samples[-1]["rss_mib"]
+    return {"seconds": seconds, "clients": clients, "requests": len(done), "failures": len(failures),
+            "failure_examples": failures[:3], "samples": samples, "minutes": minutes, "cache_budget_mib": budget,
+            "rss_start_mib": start_rss, "rss_end_mib": end_rss, "rss_max_mib": max(s["rss_mib"] for s in samples),
+            "margin_mib": SOAK_MARGIN_MIB, "within_budget": end_rss <= start_rss + budget + SOAK_MARGIN_MIB}
+
+
+def plot_soak(r: dict, path: Path) -> None:
+    """The soak's memory over time and its latency per minute, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (mem, lat) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    t = [s["seconds"] / 60 for s in r["samples"]]
+    mem.plot(t, [s["rss_mib"] for s in r["samples"]], label="service process")
+    mem.plot(t, [r["rss_start_mib"] + s["cache_mib"] for s in r["samples"]], ls=":", c="tab:green",
+             label="start + cache held")
+    mem.axhline(r["rss_start_mib"] + r["cache_budget_mib"], ls="--", c="grey", label="start + cache budget")
+    mem.axhline(r["rss_start_mib"] + r["cache_budget_mib"] + r["margin_mib"], ls="--", c="red",
+                label=f"+ {r['margin_mib']} MiB margin")
+    mem.set_ylim(0, 1.25 * (r["rss_start_mib"] + r["cache_budget_mib"] + r["margin_mib"]))
+    mem.set_ylabel("resident memory (MiB)")
+    engine = mem.twinx()  # the vLLM engine's process holds its KV cache: gigabytes, on a scale of its own
+    engine.plot(t, [s["rss_with_engine_mib"] for s in r["samples"]], c="tab:orange",
+                label="with the vLLM engine's process (right)")
+    engine.set_ylim(0, 1.25 * max(s["rss_with_engine_mib"] for s in r["samples"]))
+    engine.set_ylabel("with the engine (MiB)")
+    handles = mem.get_legend_handles_labels()
+    more = engine.get_legend_handles_labels()
+    mem.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7, loc="lower right")
+    minutes = [m["minute"] for m in r["minutes"]]
+    lat.plot(minutes, [m["p95_s"] for m in r["minutes"]], marker="o", label="p95")
+    lat.plot(minutes, [m["p50_s"] for m in r["minutes"]], marker="o", label="p50")
+    lat.set_xlabel("minutes")
+    lat.set_ylabel("latency per minute (s)")
+    lat.set_ylim(bottom=0)
+    lat.legend(fontsize=8)
+    fig.suptitle(f"Soak: {r['clients']} clients, unique documents, --cache-mib {r['cache_budget_mib']:g}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def load_table(servers: list[tuple[str, list[dict]]]) -> list[str]:
     """A markdown table of `load` runs: per server (its label, its runs), a row per number of clients."""
     lines = ["| server | clients | requests/s | tokens/s | TTFT p50 | TTFT p95 |", "| --- | --- | --- | --- | --- | --- |"]
@@ -152,11 +286,6 @@ def load_table(servers: list[tuple[str, list[dict]]]) -> list[str]:
         lines += [f"| {label} | {x['clients']} | {x['requests_per_s']:.2f} | {x['tokens_per_s']:,.0f} | "
                   f"{x['ttft_p50_s'] * 1e3:,.0f} ms | {x['ttft_p95_s'] * 1e3:,.0f} ms |" for x in runs]
     return lines
-
-
-def metric(url: str, name: str) -> float:
-    text = httpx.get(url, timeout=10).text
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
 
 
 def build_models(preset: str, scale: str, work: Path) -> tuple[Path, Path, str]:
@@ -172,16 +301,29 @@ def build_models(preset: str, scale: str, work: Path) -> tuple[Path, Path, str]:
     return decoder, encoder, "cuda" if preset == "gpu" and torch.cuda.is_available() else "cpu"
 
 
+def metric(url: str, name: str) -> float:
+    text = httpx.get(url, timeout=10).text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+
+
 def main() -> None:
-    args = arguments(__doc__, PRESETS).parse_args()
+    parser = arguments(__doc__, PRESETS)
+    parser.add_argument("--clients", type=int, nargs="+", help="numbers of concurrent clients (default: the preset's)")
+    args = parser.parse_args()
     env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # every core for the engine, as in the serving benchmark
     os.environ.update(env)
 
     spec = dict(PRESETS[args.preset]) | (SMALL if args.scale == "small" else {})
+    spec["clients"] = tuple(args.clients or spec["clients"])
+    name = f"service-{args.preset}" + ("-small" if args.scale == "small" else "")
+
+    def save() -> None:  # after every section: a late failure loses nothing
+        save_results(args.out, name, result, markdown(result), echo=False)
+
     serving = dict(SERVING[args.preset]) | (SERVING_SMALL if args.scale == "small" else {})
     dtype, new = serving["dtype"], spec["new_tokens"]
     result: dict = {"preset": args.preset, "scale": args.scale, "machine": machine(), "decoder": serving["decoder"],
-                    "dtype": dtype, "prompts": spec["prompts"], "new_tokens": new}
+                    "dtype": dtype, "prompts": spec["prompts"], "new_tokens": new, "load_at_start": os.getloadavg()}
     engine = ["--dtype", dtype, "--max-model-len", str(spec["max_model_len"]), *spec["engine_flags"]]
     if spec["kv_cache_gib"]:
         engine += ["--kv-cache-gib", str(spec["kv_cache_gib"])]
@@ -197,6 +339,26 @@ def main() -> None:
         server_args = ["--encoder", str(encoder), "--decoder", str(decoder), "--store", str(work / "store"),
                        "--backend", "vllm", "--served-model-name", "decoder", *engine]
 
+        step(f"(e): soak, {spec['soak_clients']} clients for {spec['soak_seconds']} s, unique documents")
+        port = free_port()
+        service = Process([sys.executable, "-m", "arccompress.cli", "serve", "--port", str(port), *server_args,
+                           "--cache-mib", str(spec["soak_cache_mib"])], f"http://127.0.0.1:{port}/health",
+                          work / "soak.log", env)
+        try:
+            service.wait(1800)
+            example = by_text[0][:by_text[0].index("Document: ", 1)]  # the shared few-shot example, as text
+            docs = [d["text"] for p in by_text for d in p if isinstance(d, dict)]
+            result["soak"] = soak(f"http://127.0.0.1:{port}/v1", service.proc.pid, unique_prompts(docs, example, 1),
+                                  spec["soak_seconds"], spec["soak_clients"], new)
+            plot = Path(args.out) / f"{name}-soak.png"
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            plot_soak(result["soak"], plot)
+            result["soak_plot"] = plot.name
+        finally:
+            service.stop()
+        result["load_after_soak"] = os.getloadavg()
+        save()
+
         step("(a), (b): arccompress serve --backend vllm")
         port = free_port()
         service = Process([sys.executable, "-m", "arccompress.cli", "serve", "--port", str(port), *server_args],
@@ -205,11 +367,11 @@ def main() -> None:
             service.wait(1800)
             url = f"http://127.0.0.1:{port}/v1"
             load(url, "decoder", by_id[:4], 2, 2)  # warm-up (compilation, first batches)
-            for name, prompts in (("service_ids", by_id), ("service_text", by_text)):
-                result[name] = []
+            for key, prompts in (("service_ids", by_id), ("service_text", by_text)):
+                result[key] = []
                 for c in spec["clients"]:
-                    step(f"{name}, {c} clients")
-                    result[name].append(load(url, "decoder", prompts, c, new))
+                    step(f"{key}, {c} clients")
+                    result[key].append(load(url, "decoder", prompts, c, new))
             metrics = f"http://127.0.0.1:{port}/metrics"
             result["prefix_cache_hit_rate"] = metric(metrics, "arccompress_prefix_cache_hit_tokens_total") / max(
                 1.0, metric(metrics, "arccompress_prefix_cache_query_tokens_total"))
@@ -218,6 +380,9 @@ def main() -> None:
             result["documents_compressed"] = metric(metrics, "arccompress_compress_batch_documents_sum")
         finally:
             service.stop()
+        result["load_after_service"] = os.getloadavg()
+        save()
+
 
         step("(c): vLLM's OpenAI server, documents as full text")
         port = free_port()
@@ -239,6 +404,7 @@ def main() -> None:
                 result["vllm_full_text"].append(load(url, "decoder", full, c, new))
         finally:
             server.stop()
+        save()
 
         step("(d): VLLMGenerator in process, every prompt in one call")
         comp = Compressor.from_pretrained(encoder, device=device)
@@ -266,30 +432,60 @@ def main() -> None:
                                     "tokens_per_s": tokens / seconds}
         result["positions"] = {"compressed": sum(r.shape[0] for r in rows) / len(rows)}
         gen.llm.llm_engine.engine_core.shutdown()
+        result["load_at_end"] = os.getloadavg()
 
     a, c = result["service_ids"][-1], result["vllm_full_text"][-1]
     result["ids_over_full_text"] = a["requests_per_s"] / c["requests_per_s"]
     result["ids_over_in_process"] = a["requests_per_s"] / result["vllm_generator"]["requests_per_s"]
-    save_results(args.out, f"service-{args.preset}" + ("-small" if args.scale == "small" else ""), result,
-                 markdown(result))
+    save_results(args.out, name, result, markdown(result))
 
 
 def markdown(r: dict) -> str:
     lines = page_start("Service benchmark", r, r["decoder"])
     lines[-1] += (f" {r['prompts']} few-shot QA prompts (one example shared by all, 5 documents each), "
                   f"{r['new_tokens']} greedy tokens each, streamed through the openai client.")
-    lines += ["", *load_table([("(a) `arccompress serve`, documents as store ids", r["service_ids"]),
-                               ("(b) `arccompress serve`, documents as text", r["service_text"]),
-                               ("(c) vLLM's OpenAI server, documents as full text", r["vllm_full_text"])])]
+    lines += ["", *load_table([("(a) `arccompress serve`, documents as store ids", r.get("service_ids", [])),
+                               ("(b) `arccompress serve`, documents as text", r.get("service_text", [])),
+                               ("(c) vLLM's OpenAI server, documents as full text", r.get("vllm_full_text", []))])]
+    if "vllm_generator" in r:
+        lines += markdown_ratios(r)
+    if "soak" in r:
+        lines += markdown_soak(r)
+    load = [r.get(k) for k in ("load_at_start", "load_after_soak", "load_after_service", "load_at_end")]
+    lines += ["", "Machine load (1/5/15-minute load averages) at the start, after the soak, after (a)-(b) and at the "
+              "end: " + "; ".join("/".join(f"{x:.2f}" for x in v) for v in load if v) + f" on {r['machine']['cores']} "
+              "cores."]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_ratios(r: dict) -> list[str]:
     g = r["vllm_generator"]
-    lines += ["", f"(d) `VLLMGenerator` in process, all prompts in one call: {g['requests_per_s']:.2f} requests/s, "
+    return ["", f"(d) `VLLMGenerator` in process, all prompts in one call: {g['requests_per_s']:.2f} requests/s, "
               f"{g['tokens_per_s']:,.0f} tokens/s.", "",
               f"At the most clients: (a) / (c) = **{r['ids_over_full_text']:.2f}x**; (a) / (d) = "
               f"**{r['ids_over_in_process']:.2f}** of the in-process engine. Prefix-cache hit rate of the service: "
               f"**{100 * r['prefix_cache_hit_rate']:.0f}%** of prompt positions. Compression on the server: "
               f"{r['documents_compressed']:.0f} documents in {r['compress_batches']:.0f} encoder calls, "
               f"{r['compression_cache_hits']:.0f} found in the cache."]
-    return "\n".join(lines) + "\n"
+
+
+def markdown_soak(r: dict) -> list[str]:
+    s = r["soak"]
+    late = [x["rss_mib"] for x in s["samples"] if x["seconds"] >= s["seconds"] / 2]  # flat, or still growing?
+    lines = ["", f"## (e) Soak: {s['clients']} clients for {s['seconds'] / 60:g} minutes, five unique documents per "
+              f"request, `--cache-mib {s['cache_budget_mib']:g}`", "",
+              f"![memory and latency over the soak]({r['soak_plot']})", "",
+              f"{s['requests']:,} requests ({s['failures']} failed). Resident memory of the service process: "
+              f"{s['rss_start_mib']:,.0f} MiB after the warm-up, {s['rss_end_mib']:,.0f} MiB at the end (at most "
+              f"{s['rss_max_mib']:,.0f}); the bound start + cache budget + {s['margin_mib']} MiB margin = "
+              f"{s['rss_start_mib'] + s['cache_budget_mib'] + s['margin_mib']:,.0f} MiB: "
+              f"**{'held' if s['within_budget'] else 'EXCEEDED'}**. Over the second half, the service process stayed "
+              f"between {min(late):,.0f} and {max(late):,.0f} MiB (the cache held at most "
+              f"{max(x['cache_mib'] for x in s['samples']):.1f} MiB).", "",
+              "| minute | requests | latency p50 | latency p95 | RSS at its end |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {m['minute']} | {m['requests']} | {m['p50_s']:.2f} s | {m['p95_s']:.2f} s | {m['rss_mib']:,.0f} MiB |"
+              for m in s["minutes"]]
+    return lines
 
 
 if __name__ == "__main__":

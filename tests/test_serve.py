@@ -35,6 +35,13 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m
                  "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
 
+def with_chat_template(decoder: Path) -> Path:
+    """The tiny decoder's folder, its tokenizer given CHAT_TEMPLATE."""
+    config = json.loads((decoder / "tokenizer_config.json").read_text())
+    (decoder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": CHAT_TEMPLATE}))
+    return decoder
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,10 +101,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-models")
     encoder = build_tiny_encoder(root / "encoder", seed=7)
     decoder = build_tiny_decoder(root / "decoder", family="llama", seed=8)
-    config = json.loads((decoder / "tokenizer_config.json").read_text())
-    chat = root / "chat-decoder"
-    build_tiny_decoder(chat, family="llama", seed=8)
-    (chat / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": CHAT_TEMPLATE}))
+    chat = with_chat_template(build_tiny_decoder(root / "chat-decoder", family="llama", seed=8))
     comp = Compressor.from_pretrained(encoder, device="cpu")
     store = ContextStore(root / "store", compressor=comp)
     store.add_many(list(DOCS), comp.compress(list(DOCS.values())))
@@ -265,7 +269,8 @@ def metrics(server) -> dict[str, float]:
     ("no key", dict(headers={}), 401, "needs an API key"),
     ("bad key", dict(headers={"Authorization": "Bearer nope"}), 401, "valid API key"),
     ("unknown id", dict(json={"model": "tiny", "prompt": [doc_id("nowhere"), "x"]}), 404, "'nowhere'"),
-    ("malformed JSON", dict(content=b'{"model": "tiny", "prompt": ', headers={"Content-Type": "application/json"}),
+    ("malformed JSON", dict(content=b'{"model": "tiny", "prompt": ', headers={"Content-Type": "application/json",
+                                                                              "Authorization": f"Bearer {KEY}"}),
      400, "not valid JSON"),
     ("huge body", dict(json={"model": "tiny", "prompt": "x" * 300_000}), 413, "200000 bytes"),
     ("too many documents", dict(json={"model": "tiny", "prompt": [doc_id("paris")] * 9}), 400, "9 documents"),
@@ -276,7 +281,7 @@ def metrics(server) -> dict[str, float]:
     ("unknown model", dict(json={"model": "gpt-9", "prompt": "Hi"}), 404, "'gpt-9' does not exist"),
     ("a string for a count", dict(json={"model": "tiny", "prompt": "Hi", "max_tokens": "5"}), 400, "max_tokens"),
     ("a bool for n", dict(json={"model": "tiny", "prompt": "Hi", "n": True}), 400, "n"),
-    ("seed over 64 bits", dict(json={"model": "tiny", "prompt": "Hi", "seed": 2 ** 70}), 400, "seed"),
+    ("seed over 64 bits", dict(json={"model": "tiny", "prompt": "Hi", "seed": 2 ** 70}), 400, "64 bits"),
     ("lone surrogate", dict(content=b'{"model": "tiny", "prompt": "a\\ud800b"}',
                             headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}),
      400, "lone surrogate"),
@@ -345,7 +350,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits(models):
         srv.stop()
 
 
-def test_ray_serve_replicas_answer_like_one_process(models, client):
+def test_ray_serve_replicas_answer_like_one_process_and_one_scrape_counts_them_all(models, client):
     prompts = [["Doc: ", doc_id(key), f" Q{i}:"] for i, key in enumerate(DOCS)] + \
               [["Doc: ", doc_text(key), " Summary:"] for key in DOCS]
     expected = [client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0).choices[0].text
@@ -353,17 +358,37 @@ def test_ray_serve_replicas_answer_like_one_process(models, client):
     srv = Server("--ray", "--replicas", "2", "--encoder", str(models["encoder"]), "--decoder", str(models["chat"]),
                  "--store", str(models["store"]), "--served-model-name", "tiny").wait_ready(timeout=480)
     try:
+        def scrape() -> tuple[float, set[str]]:
+            """(completions answered, by every replica together; the replicas the scrape holds)"""
+            text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+            done = re.findall(r'^arccompress_requests_total\{endpoint="/v1/completions",replica="[^"]+",'
+                              r'status="200"\} ([0-9.e+]+)$', text, re.M)
+            replicas = re.findall(r'^arccompress_compression_cache_budget_bytes\{replica="([^"]+)"\}', text, re.M)
+            return sum(map(float, done)), set(replicas)
+
+        deadline = time.monotonic() + 300  # both replicas up (the first one answers /health alone)
+        while len(scrape()[1]) < 2 and time.monotonic() < deadline:
+            time.sleep(1)
         ray_client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             got = list(pool.map(lambda p: ray_client.completions.create(model="tiny", prompt=p, max_tokens=6,
                                                                         temperature=0).choices[0].text, prompts))
         assert got == expected
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # 20 completions in all
+            list(pool.map(lambda i: ray_client.completions.create(model="tiny", prompt=f"Count {i}", max_tokens=2),
+                          range(20 - len(prompts))))
+        deadline = time.monotonic() + 30  # a replica counts a request once its last byte has left
+        while scrape()[0] < 20 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        scrapes = [scrape() for _ in range(6)]  # each routed to either replica: every one holds both
+        assert [done for done, _ in scrapes] == [20.0] * 6
+        assert all(len(replicas) == 2 for _, replicas in scrapes), scrapes
     finally:
         assert srv.stop(timeout=120) == 0
 
 
 def test_service_client_speaks_the_prompt_language(server, reference):
-    from arccompress.client import ServiceClient, ServiceError
+    from arccompress.engines import ServiceClient, ServiceError
     from arccompress.prompts import ContextRef
 
     gen, store = reference
@@ -389,7 +414,7 @@ def test_service_client_speaks_the_prompt_language(server, reference):
 
 def test_eval_runs_against_a_service(server, reference, models):
     from arccompress import evaluate
-    from arccompress.client import ServiceClient
+    from arccompress.engines import ServiceClient
 
     gen, store = reference
     rows = [{"question": f"Question {i} about {key}?", "answers": [key],

@@ -25,9 +25,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from arccompress import Compressor, ContextStore, ContextText, Generator  # noqa: E402
 from arccompress.tiny import build_tiny_decoder, build_tiny_encoder  # noqa: E402
 
+from . import serve_hostile as hostile  # noqa: E402
+from .serve_fuzz import fuzz  # noqa: E402
 from .test_serve import DOCS, Server, doc_id, doc_text, metrics  # noqa: E402
 
 HIDDEN = 256  # vLLM's CPU attention needs heads of 64
+CONTEXT = 4096
+ENGINE = ["--backend", "vllm", "--dtype", "float32", "--enforce-eager", "--kv-cache-gib", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +49,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(models):
     srv = Server("--encoder", str(models["encoder"]), "--decoder", str(models["decoder"]), "--store",
-                 str(models["store"]), "--backend", "vllm", "--dtype", "float32", "--max-model-len", "2048",
-                 "--enforce-eager", "--kv-cache-gib", "1")
+                 str(models["store"]), *ENGINE, "--max-model-len", str(CONTEXT))
     try:
         yield srv.wait_ready(timeout=900)
     finally:
@@ -92,9 +95,43 @@ def test_concurrent_requests_and_the_prefix_cache(client, server):
 
 
 def test_a_bad_request_leaves_the_engine_serving(client, server):
-    r = httpx.post(f"{server.url}/v1/completions", json={"model": "decoder", "prompt": "x", "max_tokens": 5000})
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "decoder", "prompt": "x", "max_tokens": 9000})
     assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
     assert client.completions.create(model="decoder", prompt="ok", max_tokens=2, temperature=0).choices
+
+
+# ----------------------------------------------------------------------------- issue 26's hostile requests, on vLLM
+
+
+class TestHostileRequests(hostile.HostileRequests):
+    model, context, penalties = "decoder", CONTEXT, True
+
+
+def test_penalties_change_what_vllm_generates(client):
+    prompt = ["Document: ", doc_text("loire"), "\nAnswer:"]
+    plain = client.completions.create(model="decoder", prompt=prompt, max_tokens=24, temperature=0)
+    penalised = client.completions.create(model="decoder", prompt=prompt, max_tokens=24, temperature=0,
+                                          frequency_penalty=2.0, presence_penalty=2.0)
+    ids = [t for c in penalised.choices for t in (c.model_extra or {}).get("token_ids") or []]
+    assert penalised.choices[0].text != plain.choices[0].text or len(set(ids)) == len(ids)
+
+
+def test_a_request_past_its_time_is_stopped(models):
+    srv = Server("--encoder", str(models["encoder"]), "--decoder", str(models["decoder"]), *ENGINE,
+                 "--max-model-len", str(CONTEXT), "--request-timeout", "2").wait_ready(timeout=900)
+    try:
+        hostile.check_timeout(srv.url, "decoder", 2)
+    finally:
+        assert srv.stop(timeout=60) == 0
+
+
+def test_the_schema_fuzzer_finds_no_server_error_and_every_answer_conforms(models):
+    srv = Server("--encoder", str(models["encoder"]), "--decoder", str(models["decoder"]), *ENGINE,
+                 "--max-model-len", "256").wait_ready(timeout=900)
+    try:
+        fuzz(srv.url, "decoder", examples=25, answering={"POST /v1/completions", "POST /v1/answer"})
+    finally:
+        assert srv.stop(timeout=60) == 0
 
 
 def test_service_benchmark_runs_at_small_scale(tmp_path):
@@ -109,3 +146,6 @@ def test_service_benchmark_runs_at_small_scale(tmp_path):
         assert all(run["requests_per_s"] > 0 for run in result[key])
     assert result["vllm_generator"]["requests_per_s"] > 0
     assert 0 < result["prefix_cache_hit_rate"] <= 1
+    soak = result["soak"]
+    assert soak["requests"] > 0 and soak["failures"] == 0 and soak["samples"] and soak["minutes"]
+    assert (tmp_path / result["soak_plot"]).stat().st_size > 0

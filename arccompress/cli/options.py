@@ -23,23 +23,14 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _number(text: str, low: float, strict: bool) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > low if strict else value >= low):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}" if strict and low == 0 else
-                                         f"must be a number >= {low:g}, not {text}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
     return value
-
-
-def positive_float(text: str) -> float:
-    return _number(text, 0.0, strict=True)
-
-
-def non_negative_float(text: str) -> float:
-    return _number(text, 0.0, strict=False)
 
 
 def add_encoder_options(p: argparse.ArgumentParser, *, decoder: bool) -> None:

@@ -10,8 +10,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, NotFoundError
-from .options import (add_encoder_options, compressor_kwargs, non_negative_float, positive_float, positive_int,
-                      resolve_models)
+from .options import add_encoder_options, compressor_kwargs, positive_float, positive_int, resolve_models
 
 if TYPE_CHECKING:  # the service's modules (FastAPI, pydantic) load only when the command runs
     from ..serve import ServiceConfig
@@ -59,17 +58,34 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                    help="seconds a request may take on the upstreams, failovers included (default 600)")
     g.add_argument("--health-interval", type=positive_float, default=5.0,
                    help="seconds between health probes of each upstream (default 5)")
-    g.add_argument("--upstream-wait", type=non_negative_float, default=300.0,
+    g.add_argument("--upstream-wait", type=non_negative, default=300.0,
                    help="seconds to wait at start for an upstream to answer (default 300)")
     g = p.add_argument_group("throughput and limits")
     g.add_argument("--batch-window-ms", type=positive_float, default=5.0,
                    help="how long concurrent requests' texts gather into one encoder call (default 5 ms)")
     g.add_argument("--batch-tokens", type=positive_int, default=16384, help="encoder tokens per compression batch")
-    g.add_argument("--cache-size", type=int, default=1024, help="compressed texts kept for reuse (LRU; 0: none)")
+    g.add_argument("--cache-mib", type=non_negative,
+                   help="MiB of compressed texts kept for reuse (LRU; 0: none; default: 131,072 context rows of the "
+                        "decoder's width, 1 GiB for a 4096-wide decoder in bfloat16)")
     g.add_argument("--max-batch", type=positive_int, default=32, help="transformers: sequences per generate")
-    g.add_argument("--max-documents", type=positive_int, default=64, help="documents per request")
-    g.add_argument("--max-document-tokens", type=positive_int, default=16384, help="tokens per document given as text")
+    g.add_argument("--max-queued-requests", type=positive_int, default=512,
+                   help="requests held at once (compressing, waiting or generating); past it 503 + Retry-After")
+    g.add_argument("--request-timeout", type=positive_float,
+                   help="seconds a request may run once its body arrived; past it, it is stopped (default: none)")
+    g = p.add_argument_group("limits per request (each refused with a 4xx naming the field, before the work it bounds)")
     g.add_argument("--max-body-bytes", type=positive_int, default=16 << 20, help="request body size")
+    g.add_argument("--max-json-values", type=positive_int, default=16384,
+                   help="JSON values (objects, arrays, strings, numbers) in a body, counted as it is parsed")
+    g.add_argument("--max-documents", type=positive_int, default=64, help="documents per request")
+    g.add_argument("--max-document-chars", type=positive_int,
+                   help="characters per document given as text, checked before tokenizing (default: 16 per token of "
+                        "--max-document-tokens)")
+    g.add_argument("--max-document-tokens", type=positive_int, default=16384, help="tokens per document given as text")
+    g.add_argument("--max-prompt-chars", type=positive_int,
+                   help="characters of a prompt's own text, checked before tokenizing (default: 16 per position of the "
+                        "decoder's context)")
+    g.add_argument("--max-stop", type=positive_int, default=8, help="stop strings per request")
+    g.add_argument("--max-stop-chars", type=positive_int, default=1024, help="characters per stop string")
     g = p.add_argument_group("Ray Serve")
     g.add_argument("--ray", action="store_true", help="run as a Ray Serve application (one engine per replica)")
     g.add_argument("--replicas", type=positive_int, default=1, help="--ray: replicas")
@@ -79,8 +95,19 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.set_defaults(run=run)
 
 
+def non_negative(text: str) -> float:
+    """A finite number >= 0 (--cache-mib 0: no cache; --upstream-wait 0: no wait)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
+    return value
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """What the backend gets: transformers' Generator.from_pretrained, vLLM's AsyncEngineArgs, or the upstreams'
+    """What the engine gets: transformers' Generator.from_pretrained, vLLM's AsyncEngineArgs, or the upstreams'
     AsyncVLLMFleet.connect."""
     engine_flags = [f"--{k.replace('_', '-')}" for k in ("quantization", "max_model_len", "tensor_parallel_size",
                                                          "gpu_memory_utilization", "kv_cache_gib", "block_size")
@@ -124,10 +151,13 @@ def config_from(args: argparse.Namespace) -> ServiceConfig:
         served_name=args.served_model_name, api_key=api_key,
         encoder_options={k: v for k, v in compressor_kwargs(args).items() if v is not None},
         engine_options=engine_options(args),
-        limits=Limits(max_documents=args.max_documents, max_document_tokens=args.max_document_tokens,
-                      max_body_bytes=args.max_body_bytes),
-        batch_window=args.batch_window_ms / 1000, batch_tokens=args.batch_tokens, cache_size=args.cache_size,
-        max_batch=args.max_batch, verbose=args.verbose, upstreams=tuple(args.upstream or ()),
+        limits=Limits(max_body_bytes=args.max_body_bytes, max_json_values=args.max_json_values,
+                      max_documents=args.max_documents, max_document_chars=args.max_document_chars,
+                      max_document_tokens=args.max_document_tokens, max_prompt_chars=args.max_prompt_chars,
+                      max_stop=args.max_stop, max_stop_chars=args.max_stop_chars),
+        batch_window=args.batch_window_ms / 1000, batch_tokens=args.batch_tokens, cache_mib=args.cache_mib,
+        max_batch=args.max_batch, max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
+        verbose=args.verbose, upstreams=tuple(args.upstream or ()),
         upstream_api_key=upstream_key if args.upstream else None)
 
 

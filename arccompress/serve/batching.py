@@ -1,9 +1,10 @@
-"""Work from concurrent requests, gathered into one call: a micro-batcher, and an LRU of finished results.
+"""Work from concurrent requests, gathered into one call: a micro-batcher, and an LRU of finished results within
+a budget of bytes.
 
 Requests arrive one by one; the device is best used by one call over many of their items. The batcher waits for
 a first item, keeps gathering for a short window (or until a cost budget, e.g. tokens, is reached), runs one
-call over the batch in a worker thread, and hands each request its own result. One batch runs at a time per
-batcher, so the call never races itself.
+call over the batch in a thread of its own, and hands each request its own result. One batch runs at a time per
+batcher, so the call never races itself, and never waits behind other work in the event loop's shared threads.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -45,6 +47,7 @@ class MicroBatcher(Generic[Item, Result]):
         self._queue: asyncio.Queue[_Waiting[Item]] | None = None
         self._task: asyncio.Task | None = None
         self._carry: _Waiting[Item] | None = None  # an item that did not fit the last batch: first in the next
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="arccompress-batch")  # the batches' own thread
 
     @property
     def waiting(self) -> int:
@@ -68,6 +71,7 @@ class MicroBatcher(Generic[Item, Result]):
             except asyncio.CancelledError:
                 pass
             self._task = None
+        self._thread.shutdown(wait=False)
 
     async def _gather(self) -> list[_Waiting[Item]]:
         assert self._queue is not None
@@ -97,7 +101,8 @@ class MicroBatcher(Generic[Item, Result]):
             if self.on_batch is not None:
                 self.on_batch(len(live))
             try:
-                results = await asyncio.to_thread(self.run, [w.item for w in live])
+                results = await asyncio.get_running_loop().run_in_executor(self._thread, self.run,
+                                                                           [w.item for w in live])
             except Exception as e:  # every request of the batch hears of it
                 for w in live:
                     if not w.future.done():
@@ -112,25 +117,40 @@ class MicroBatcher(Generic[Item, Result]):
 
 
 class LRUCache(Generic[Result]):
-    """The `size` most recently used results by key (an OrderedDict: moved to the end when used)."""
+    """The most recently used results by key within `max_bytes`, each weighed by `weigh(result)` (an OrderedDict:
+    moved to the end when used, the least recently used dropped first; a result over the whole budget is not
+    kept)."""
 
-    def __init__(self, size: int):
-        self.size = size
-        self._data: OrderedDict[Hashable, Any] = OrderedDict()
+    def __init__(self, max_bytes: int, weigh: Callable[[Result], int]):
+        self.max_bytes = max_bytes
+        self.weigh = weigh
+        self.bytes = 0
+        self._data: OrderedDict[Hashable, tuple[Result, int]] = OrderedDict()
 
     def get(self, key: Hashable) -> Result | None:
-        value = self._data.get(key)
-        if value is not None:
-            self._data.move_to_end(key)
-        return value
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        self._data.move_to_end(key)
+        return entry[0]
+
+    def peek(self, key: Hashable) -> Result | None:
+        """The result without marking it used: one dict lookup, safe from another thread."""
+        entry = self._data.get(key)
+        return None if entry is None else entry[0]
 
     def put(self, key: Hashable, value: Result) -> None:
-        if self.size <= 0:
+        size = self.weigh(value)
+        if size > self.max_bytes:
             return
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
+        old = self._data.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
+        self._data[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._data.popitem(last=False)
+            self.bytes -= dropped
 
     def __len__(self) -> int:
         return len(self._data)

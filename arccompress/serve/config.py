@@ -12,16 +12,39 @@ from ..errors import InputError
 BACKENDS = ("transformers", "vllm", "upstream")
 
 
+CHARS_PER_TOKEN = 16  # prose takes 4-5 characters per token: a text over 16 per token of a limit cannot fit it
+DEFAULT_CACHE_POSITIONS = 131072  # context rows the compression cache keeps by default (1 GiB at 4096 wide, bf16)
+
+
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask; each refused with a 4xx naming the field."""
+    """What one request may ask; each refused with a 4xx naming the field, before the work it bounds.
 
-    max_documents: int = 64  # document parts per request, all prompts and examples together
-    max_document_tokens: int = 16384  # encoder tokens per document given as text
+    In the order they are checked: the body's bytes (before it is read) and JSON values (while it is parsed);
+    prompts, documents, stop strings and n (before anything is tokenized); the characters of each document and
+    each prompt's text (a cheap bound that refuses, untokenized, a text that could not fit the token limits: None
+    means `CHARS_PER_TOKEN` per token of `max_document_tokens`, or of the decoder's context length); the tokens of
+    each document (before it is compressed); the prompt's positions plus max_tokens against the decoder's context
+    (from token counts, before its rows are built).
+    """
+
     max_body_bytes: int = 16 << 20  # request body
+    max_json_values: int = 16384  # objects, arrays, strings, numbers, ... in one body
     max_prompts: int = 64  # prompts in one completions request
-    max_n: int = 16  # sequences per prompt
+    max_documents: int = 64  # document parts per request, all prompts and examples together
     max_stop: int = 8  # stop strings
+    max_stop_chars: int = 1024  # characters per stop string
+    max_n: int = 16  # sequences per prompt
+    max_document_chars: int | None = None
+    max_prompt_chars: int | None = None
+    max_document_tokens: int = 16384  # encoder tokens per document given as text
+
+    @property
+    def document_chars(self) -> int:
+        return self.max_document_chars or CHARS_PER_TOKEN * self.max_document_tokens
+
+    def prompt_chars(self, context_length: int) -> int:
+        return self.max_prompt_chars or CHARS_PER_TOKEN * context_length
 
 
 @dataclass(frozen=True)
@@ -37,8 +60,13 @@ class ServiceConfig:
     health_interval, wait, dtype). `upstreams`: vLLM OpenAI servers of the decoder, started with
     `--enable-prompt-embeds`, that generate instead of an engine in this process (the backend is then "upstream";
     `upstream_api_key` is sent to them). Texts of concurrent requests are compressed together: a batch gathers for
-    `batch_window` seconds, up to `batch_tokens` encoder tokens; `cache_size` compressed texts are kept (LRU).
-    The transformers backend generates up to `max_batch` sequences in one `generate`.
+    `batch_window` seconds, up to `batch_tokens` encoder tokens; compressed texts are kept for reuse (LRU) within
+    `cache_mib` MiB (None: room for `DEFAULT_CACHE_POSITIONS` rows of the decoder's width; 0: none). The
+    transformers backend generates up to `max_batch` sequences in one `generate`.
+
+    `max_queued_requests`: requests the service holds at once (compressing, waiting or generating); past it a
+    request is refused at once with 503 and Retry-After. `request_timeout`: seconds a request may take from its
+    arrival (None: no limit); past it, it is stopped, its generation cancelled, and its client told.
     """
 
     encoder: str
@@ -52,8 +80,10 @@ class ServiceConfig:
     limits: Limits = field(default_factory=Limits)
     batch_window: float = 0.005
     batch_tokens: int = 16384
-    cache_size: int = 1024
+    cache_mib: float | None = None
     max_batch: int = 32
+    max_queued_requests: int = 512
+    request_timeout: float | None = None
     verbose: bool = False
     upstreams: tuple[str, ...] = ()
     upstream_api_key: str | None = None
@@ -73,6 +103,12 @@ class ServiceConfig:
                              else f"upstreams generate instead of the {self.backend} backend: leave the backend out")
         if self.upstream_api_key is not None and not self.upstream_api_key:
             raise InputError("an empty upstream API key: give a key, or none")
+        if self.cache_mib is not None and self.cache_mib < 0:
+            raise InputError(f"cache_mib must be >= 0 (0: no cache), not {self.cache_mib}")
+        if self.max_queued_requests < 1:
+            raise InputError(f"max_queued_requests must be >= 1, not {self.max_queued_requests}")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise InputError(f"request_timeout must be > 0 seconds (None: no limit), not {self.request_timeout}")
 
     @property
     def model_name(self) -> str:

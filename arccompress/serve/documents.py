@@ -1,6 +1,7 @@
 """Documents into contexts, for many requests at once: texts compressed together, stored ids read together.
 
-A text is looked up in an LRU of finished contexts (keyed by the text's hash and chunk size: the encoder is the
+A text is checked (characters, then tokens: tokenized once, its ids are what the encoder reads) and looked up in an
+LRU of finished contexts within a budget of bytes (keyed by the text's hash and chunk size: the encoder is the
 service's one), else joins the compression micro-batch of whatever concurrent requests sent (one encoder call
 per batch on the service's device); the same text asked for twice at once is compressed once. Stored ids go
 through a micro-batch of their own: one `get_many` per batch. A context, cached or stored, is the same bytes every
@@ -11,48 +12,61 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+
+import torch
 
 from ..compressor import Compressor
 from ..context import CompressedContext
+from ..encoder import group_counts
 from ..errors import ContextNotFoundError, InputError
 from ..store import ContextStore
 from .batching import LRUCache, MicroBatcher
 from .config import Limits
 from .metrics import Metrics
+from .protocol import quote
+from .refusals import RequestError, check_text_or_refuse
 
-
-class RequestError(InputError):
-    """A request the service refuses, with the HTTP status and the field to name in OpenAI's error schema."""
-
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.param = param
-        self.status = status
+ENTRY_BYTES = 1024  # a cached context's own object, its key and the cache's entry, besides its rows and text
 
 
 @dataclass(frozen=True)
 class TextDocument:
+    """A document given as text, checked: its cache key, its encoder tokens (their ids, None when its context was
+    in the cache as it was checked) and the decoder positions its context takes."""
+
     text: str
     chunk_size: int | None
+    key: tuple[int | None, str]
+    ids: list[int] | None = field(repr=False, compare=False)
     tokens: int
+    positions: int
 
-    @property
-    def key(self) -> tuple[int | None, str]:
-        return self.chunk_size, hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+def text_key(text: str, chunk_size: int | None) -> tuple[int | None, str]:
+    return chunk_size, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def context_bytes(ctx: CompressedContext) -> int:
+    """What a cached context holds in memory: its rows, its text, and the entry around them."""
+    return ctx.embeddings.numel() * ctx.embeddings.element_size() + sys.getsizeof(ctx.text or "") + ENTRY_BYTES
 
 
 class DocumentResolver:
-    """Contexts for the documents of requests: `await resolve(documents)`, in order."""
+    """Contexts for the documents of requests: `check_texts` (in a worker thread), then `await resolve(documents)`."""
 
-    def __init__(self, compressor: Compressor, store: ContextStore | None, *, limits: Limits, metrics: Metrics, window: float,
-                 batch_tokens: int, cache_size: int):
+    def __init__(self, compressor: Compressor, store: ContextStore | None, *, limits: Limits, metrics: Metrics,
+                 window: float, batch_tokens: int, cache_bytes: int):
         self.compressor = compressor
         self.store = store
         self.limits = limits
         self.metrics = metrics
-        self.cache: LRUCache[CompressedContext] = LRUCache(cache_size)
+        self.cache: LRUCache[CompressedContext] = LRUCache(cache_bytes, context_bytes)
+        metrics.cache_budget.set(cache_bytes)
+        metrics.cache_bytes.set_function(lambda: self.cache.bytes)
+        metrics.cache_entries.set_function(lambda: len(self.cache))
         self._in_flight: dict[tuple, asyncio.Future] = {}
         self._compress = MicroBatcher(self._compress_batch, window=window, max_cost=batch_tokens, max_items=256,
                                       on_batch=metrics.compress_batches.observe)
@@ -69,21 +83,46 @@ class DocumentResolver:
 
     # ------------------------------------------------------------------ checking, before any work
 
-    def check_text(self, text: str, chunk_size: int | None, where: str) -> TextDocument:
-        """The document, its tokens counted; a RequestError naming `where` if it is over the limit or not text."""
+    def check_texts(self, texts: list[tuple[str, int | None, str]]) -> list[TextDocument]:
+        """Documents given as (text, chunk_size, where), checked in order of cost: text that UTF-8 can encode and
+        characters (every document), then tokens (one tokenizer call for those not in the cache); a RequestError
+        naming the first one over a limit. Blocking: call it in a worker thread."""
+        max_chars = self.limits.document_chars
+        for text, _, where in texts:
+            check_text_or_refuse(text, where)
+            if len(text) > max_chars:
+                raise RequestError(f"{where}: the document has {len(text):,} characters, over this service's limit "
+                                   f"of {max_chars:,} per document (checked before tokenizing)", param=where)
+        keys = [text_key(text, chunk) for text, chunk, _ in texts]
+        known = {k: ctx for k in keys if (ctx := self.cache.peek(k)) is not None}
+        fresh = [i for i, k in enumerate(keys) if k not in known]
         try:
-            ids = self.compressor.tokenize([text])[0]
+            encoded = dict(zip(fresh, self.compressor.tokenize([texts[i][0] for i in fresh]))) if fresh else {}
         except (InputError, TypeError) as e:
-            raise RequestError(f"{where}: {e}", param=where) from None
-        if not ids:
-            raise RequestError(f"{where}: the document's text has no tokens", param=where)
-        if len(ids) > self.limits.max_document_tokens:
-            raise RequestError(f"{where}: the document has {len(ids)} tokens, over this service's limit of "
-                               f"{self.limits.max_document_tokens} per document", param=where)
-        return TextDocument(text, chunk_size, len(ids))
+            raise RequestError(f"documents: {e}", param="documents") from None
+        out = []
+        for i, ((text, chunk, where), key) in enumerate(zip(texts, keys)):
+            ids = encoded.get(i)
+            if ids is None:
+                out.append(TextDocument(text, chunk, key, None, known[key].num_tokens, known[key].num_embeddings))
+                continue
+            if not ids:
+                raise RequestError(f"{where}: the document's text has no tokens", param=where)
+            if len(ids) > self.limits.max_document_tokens:
+                raise RequestError(f"{where}: the document has {len(ids):,} tokens, over this service's limit of "
+                                   f"{self.limits.max_document_tokens:,} per document", param=where)
+            out.append(TextDocument(text, chunk, key, ids, len(ids), self.positions(len(ids), chunk)))
+        return out
+
+    def positions(self, tokens: int, chunk_size: int | None) -> int:
+        """Decoder positions of the context of `tokens` encoder tokens: the encoder's pooled vectors of each chunk,
+        and the head's <Cont> after them."""
+        step = chunk_size or tokens
+        chunks = torch.tensor([min(step, tokens - start) for start in range(0, tokens, step)])
+        return int(group_counts(chunks, self.compressor.pooling_factor).sum()) + 1
 
     def check_ids(self, ids: list[tuple[str, str]]) -> None:
-        """404 naming every id (and where it was asked) that the store does not hold."""
+        """404 naming every id (and where it was asked) that the store does not hold, each quoted briefly."""
         if not ids:
             return
         if self.store is None:
@@ -91,7 +130,7 @@ class DocumentResolver:
                                param=ids[0][1])
         missing = [(key, where) for key, where in ids if key not in self.store]
         if missing:
-            named = ", ".join(f"{key!r} ({where})" for key, where in missing[:8])
+            named = ", ".join(f"{quote(key)} ({where})" for key, where in missing[:8])
             more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
             raise RequestError(f"not in the store: {named}{more}", param=missing[0][1], status=404)
 
@@ -128,19 +167,24 @@ class DocumentResolver:
             self.metrics.documents.labels("compressed").inc()
 
     def _compress_batch(self, docs: list[TextDocument]) -> list[CompressedContext]:
-        """One encoder call per chunk size for a batch of texts; contexts kept without their pooled vectors."""
+        """One encoder call per chunk size for a batch of texts, from the token ids their check made (a text whose
+        cached context was dropped since is tokenized here); contexts kept without their pooled vectors."""
         by_chunk: dict[int | None, list[int]] = defaultdict(list)
         for i, d in enumerate(docs):
             by_chunk[d.chunk_size].append(i)
+        untokenized = [i for i, d in enumerate(docs) if d.ids is None]
+        ids = dict(zip(untokenized, self.compressor.tokenize([docs[i].text for i in untokenized])))
         out: list[CompressedContext | None] = [None] * len(docs)
         for chunk, places in by_chunk.items():
-            made = self.compressor.compress([docs[i].text for i in places], chunk_size=chunk, show_progress_bar=False)
+            made = self.compressor.compress_ids([docs[i].ids or ids[i] for i in places], chunk_size=chunk,
+                                                show_progress_bar=False)
             for i, ctx in zip(places, made):
-                out[i] = replace(ctx, pooled=None, bottleneck=None)  # what a prompt reads; half the memory kept
+                # what a prompt reads, with its text (as `compress` keeps it); half the memory kept
+                out[i] = replace(ctx, text=docs[i].text, pooled=None, bottleneck=None)
         return out  # type: ignore[return-value]
 
     def _read_batch(self, ids: list[str]) -> list[CompressedContext | ContextNotFoundError]:
         """One store read for a batch of ids; an id that vanished since it was checked fails its own request."""
         present = [key for key in dict.fromkeys(ids) if key in self.store]
         found = dict(zip(present, self.store.get_many(present, device=self.compressor.device))) if present else {}
-        return [found.get(key) or ContextNotFoundError(f"not in the store: {key!r}") for key in ids]
+        return [found.get(key) or ContextNotFoundError(f"not in the store: {quote(key)}") for key in ids]

@@ -18,6 +18,13 @@ class Metrics:
         r = self.registry
         self.requests = Counter("arccompress_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
                                 registry=r)
+        self.in_flight = Gauge("arccompress_requests_in_flight", "API requests held now: compressing, waiting or "
+                               "generating (at most --max-queued-requests)", registry=r)
+        self.shed = Counter("arccompress_requests_shed", "API requests refused with 503 because the service held "
+                            "--max-queued-requests already", registry=r)
+        self.cancelled = Counter("arccompress_requests_cancelled", "API requests stopped before their end: their "
+                                 "client left (disconnect), or they ran past --request-timeout (timeout)", ["reason"],
+                                 registry=r)
         self.documents = Counter("arccompress_documents", "documents by where their context came from: compressed "
                                  "now, the compression cache, or the store", ["source"], registry=r)
         self.compress_batches = Histogram("arccompress_compress_batch_documents", "documents per encoder call "
@@ -26,11 +33,18 @@ class Metrics:
         self.store_batches = Histogram("arccompress_store_batch_ids", "ids per store read (one get_many per batch)",
                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.cache_hits = Counter("arccompress_compression_cache_hits", "texts found compressed in the cache", registry=r)
+        self.cache_bytes = Gauge("arccompress_compression_cache_bytes", "bytes the compressed texts kept for reuse "
+                                 "take (contexts and their text)", registry=r)
+        self.cache_budget = Gauge("arccompress_compression_cache_budget_bytes", "the compression cache's budget "
+                                  "(--cache-mib)", registry=r)
+        self.cache_entries = Gauge("arccompress_compression_cache_entries", "compressed texts kept for reuse",
+                                   registry=r)
         self.prompt_positions = Counter("arccompress_prompt_positions", "decoder positions of the prompts served",
                                         registry=r)
         self.positions_saved = Counter("arccompress_positions_saved", "decoder positions the documents saved against "
                                        "their full text", registry=r)
-        self.generated_tokens = Counter("arccompress_generated_tokens", "tokens generated", registry=r)
+        self.generated_tokens = Counter("arccompress_generated_tokens", "tokens the engine generated (counted as it "
+                                        "makes them, whether or not a client still reads them)", registry=r)
         self.prefix_cached_tokens = Counter("arccompress_prefix_cache_hit_tokens", "prompt positions read from the "
                                             "engine's prefix cache (vLLM)", registry=r)
         self.prefix_prompt_tokens = Counter("arccompress_prefix_cache_query_tokens", "prompt positions looked up in "

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 INT64 = 1 << 63  # seeds are 64-bit integers, as every engine reads them
+QUOTE_CHARS = 64  # of a client's text quoted back in an error
 
 
 class Strict(BaseModel):
@@ -28,10 +29,17 @@ class TextPart(Strict):
 class DocumentPart(Strict):
     """A document: its text (compressed on the server) or the id of a context in the server's store."""
 
+    # the rule of `_text_or_id` in the JSON schema, for clients and fuzzers that generate requests from it
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["text"], "properties": {"text": {"type": "string", "pattern": "\\S"}, "id": {"type": "null"}}},
+        {"required": ["id"], "properties": {"id": {"type": "string"}, "text": {"type": "null"},
+                                            "chunk_size": {"type": "null"}}},
+    ]})
+
     type: Literal["document"]
     text: str | None = None
     id: str | None = None
-    chunk_size: int | None = Field(default=None, ge=1)
+    chunk_size: StrictInt | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _text_or_id(self) -> DocumentPart:
@@ -63,6 +71,9 @@ class SamplingFields(Strict):
     stop: str | list[str] | None = None
     seed: StrictInt | None = Field(default=None, ge=-INT64, lt=INT64)
     n: StrictInt = Field(default=1, ge=1)
+    # OpenAI's penalties: 0 (what some SDKs always send) changes nothing; other values where the backend has them
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as an identifier for the caller's own logs
@@ -72,7 +83,15 @@ class SamplingFields(Strict):
     def _one_length(self) -> SamplingFields:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_tokens or max_completion_tokens, not both")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
         return self
+
+    @property
+    def penalties(self) -> dict[str, float]:
+        """The penalties asked for (those not 0)."""
+        return {k: v for k, v in (("presence_penalty", self.presence_penalty),
+                                  ("frequency_penalty", self.frequency_penalty)) if v}
 
     @property
     def stops(self) -> list[str]:
@@ -148,7 +167,126 @@ class Usage(BaseModel):
     prompt_positions_saved: int | None = None  # positions the documents' full text would have taken, minus theirs
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | int | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error schema: every refusal and failure of the service."""
+
+    error: ErrorDetail
+
+
+class Choice(BaseModel):
+    index: int
+    finish_reason: str | None
+    logprobs: None = None
+    token_ids: list[int] | None = None  # with return_token_ids
+
+
+class CompletionChoice(Choice):
+    text: str
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(Choice):
+    message: ChatMessageOut
+
+
+class Answered(BaseModel):
+    """What every generating endpoint answers with (without `stream`)."""
+
+    id: str
+    created: int
+    model: str
+    usage: Usage
+
+
+class CompletionResponse(Answered):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+
+
+class ChatCompletionResponse(Answered):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+
+
+class AnswerResponse(Answered):
+    object: Literal["answer"]
+    answer: str
+    text: str
+    finish_reason: str | None
+
+
+class Chunk(BaseModel):
+    """One event of a stream (`stream: true`); the last, with `stream_options.include_usage`, has the usage alone."""
+
+    id: str
+    created: int
+    model: str
+    usage: Usage | None = None
+
+
+class CompletionChunk(Chunk):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+
+
+class AnswerChunk(Chunk):
+    object: Literal["answer"]
+    choices: list[CompletionChoice]
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(Choice):
+    delta: ChatDelta
+
+
+class ChatCompletionChunk(Chunk):
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+    arccompress: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    backend: str
+
+
 def error_body(message: str, *, kind: str = "invalid_request_error", param: str | None = None,
                code: str | int | None = None) -> dict[str, Any]:
     """OpenAI's error schema."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def quote(text: str) -> str:
+    """A client's text as an error quotes it: whole if short, else its start and its length."""
+    if len(text) <= QUOTE_CHARS:
+        return repr(text)
+    return f"{text[:QUOTE_CHARS]!r}... ({len(text):,} characters)"

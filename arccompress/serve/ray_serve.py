@@ -7,14 +7,29 @@
 
 Each replica builds the same app as `arccompress serve` (its lifespan loads the models on the replica); the store
 must be on a file system every node sees, as for the Ray Data corpus job that wrote it.
+
+Metrics: Ray Serve routes a scrape of `/metrics` to one replica, whose registry holds only its own requests. So each
+replica also serves its registry on a port of its node, listed by the deployment's `MetricsBoard` (a named Ray
+actor), and the replica that gets a scrape reads every listed replica at that moment: one scrape holds every
+replica's series, each with a `replica` label (sum them without it for the deployment's totals). A replica that
+cannot be read (it stopped) is dropped from the board.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+
+import httpx
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from .app import build_app
 from .config import ServiceConfig
+from .service import Service
+
+SCRAPE_TIMEOUT_S = 5.0
 
 
 class ServiceReplica:
@@ -24,7 +39,77 @@ class ServiceReplica:
         self.config = config
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_app(self.config)
+        service = Service(self.config)
+        return build_app(service=service, scrape=ReplicaMetrics(service.metrics.registry).scrape)
+
+
+class MetricsBoard:
+    """The metrics endpoints of a deployment's replicas, by replica id (a named Ray actor, one per deployment)."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[str, str] = {}
+
+    def register(self, replica: str, url: str) -> None:
+        self.endpoints[replica] = url
+
+    def forget(self, replica: str) -> None:
+        self.endpoints.pop(replica, None)
+
+    def listed(self) -> dict[str, str]:
+        return dict(self.endpoints)
+
+
+class ReplicaMetrics:
+    """This replica's registry on a port of its node, listed on the deployment's board; `scrape()` reads them all."""
+
+    def __init__(self, registry: CollectorRegistry):
+        import ray
+        from prometheus_client import start_http_server
+        from ray import serve
+
+        context = serve.get_replica_context()
+        host = ray.util.get_node_ip_address()
+        server, _ = start_http_server(0, addr=host, registry=registry)
+        self.replica = context.replica_id.unique_id
+        board = ray.remote(num_cpus=0)(MetricsBoard)
+        self.board = board.options(name=f"arccompress-metrics:{context.app_name}:{context.deployment}",
+                                   get_if_exists=True, lifetime="detached").remote()
+        ray.get(self.board.register.remote(self.replica, f"http://{host}:{server.server_port}/metrics"))
+
+    async def scrape(self) -> bytes:
+        """Every listed replica's series, labelled with its replica id, in Prometheus' text format."""
+        endpoints = await self.board.listed.remote()
+        async with httpx.AsyncClient(timeout=SCRAPE_TIMEOUT_S) as client:
+            answers = await asyncio.gather(*(client.get(url) for url in endpoints.values()), return_exceptions=True)
+        texts = {}
+        for replica, answer in zip(endpoints, answers):
+            if isinstance(answer, httpx.Response) and answer.status_code == 200:
+                texts[replica] = answer.text
+            elif replica != self.replica:
+                self.board.forget.remote(replica)  # stopped: its series leave with it
+        return labelled(texts)
+
+
+class _Families:
+    """A collector of metric families already made."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def labelled(texts: dict[str, str]) -> bytes:
+    """Prometheus texts of several replicas as one, each sample labelled `replica` with its replica's id."""
+    families: dict[str, Metric] = {}
+    for replica, text in texts.items():
+        for family in text_string_to_metric_families(text):
+            into = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            into.samples += [s._replace(labels={**s.labels, "replica": replica}) for s in family.samples]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))  # type: ignore[arg-type]
+    return generate_latest(registry)
 
 
 def deployment(config: ServiceConfig, *, num_replicas: int | str | None = None,
