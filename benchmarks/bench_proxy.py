@@ -14,7 +14,7 @@ does) and `round-robin`, each from cold caches (`/reset_prefix_cache`): the pref
 count themselves (vllm:prefix_cache_hits / vllm:prefix_cache_queries), also over the positions after the shared
 example (what routing can change: every upstream caches the example whatever the routing), requests/s and
 generated tokens/s at `clients` concurrent clients, and how the proxy chose (affinity, spill).
-(2) Cost. The service benchmark's prompts (documents as stored ids, 32 greedy tokens) from 8 and 32 concurrent
+(2) Cost. The service benchmark's prompts (documents as stored ids, 32 greedy tokens) from 32 concurrent
 clients: `arccompress serve --backend vllm` (the engine in process) against the proxy in front of one upstream
 running the same engine settings. Requests/s, tokens/s, time to first token.
 
@@ -46,8 +46,8 @@ from arccompress.engines.decoder_files import decoder_files  # noqa: E402
 from arccompress.prompts import PromptBuilder  # noqa: E402
 
 PRESETS = {
-    "cpu": dict(topics=64, zipf=1.0, requests=384, clients=32, new_tokens=8, kv="256M", block_size=32,
-                cost_prompts=256, cost_clients=(8, 32), cost_tokens=32, cost_kv="4G", max_model_len=2048,
+    "cpu": dict(topics=64, zipf=1.0, requests=256, clients=32, new_tokens=8, kv="256M", block_size=32,
+                cost_prompts=192, cost_clients=(32,), cost_tokens=32, cost_kv="4G", max_model_len=2048,
                 flags=["--enforce-eager"], memory=[]),
     "gpu": dict(topics=1024, zipf=1.0, requests=4096, clients=256, new_tokens=16, kv=None, block_size=16,
                 cost_prompts=2048, cost_clients=(32, 256), cost_tokens=64, cost_kv=None, max_model_len=8192,
