@@ -7,13 +7,15 @@ costs against the same engine in process.
 (1) Routing. Few-shot RAG prompts in the serving benchmark's format (one example shared by every prompt, five
 documents per question) whose documents follow a skewed popularity: each request asks about a topic drawn from a
 Zipf law over `topics` topics, and a topic's question retrieves that topic's five documents (the same ones, in the
-same order, each time); questions differ. Documents are stored ids. Two upstreams (vLLM's OpenAI server, prefix
-caching on, a KV cache of `kv` each) behind one proxy, with `--routing documents` (the default: the key is the
-prompt through the first document of the question), `prompt` (the whole prompt: what a router hashing the prompt
-does) and `round-robin`, each from cold caches (`/reset_prefix_cache`): the prefix-cache hit rate the upstreams
-count themselves (vllm:prefix_cache_hits / vllm:prefix_cache_queries), also over the positions after the shared
-example (what routing can change: every upstream caches the example whatever the routing), requests/s and
-generated tokens/s at `clients` concurrent clients, and how the proxy chose (affinity, spill).
+same order, each time); questions differ. Documents (`doc_words` words each) are stored ids. Two upstreams (vLLM's
+OpenAI server, prefix caching on, a KV cache of `kv` each: on the CPU preset, room for the documents of about half
+the topics, the regime where routing decides what stays cached) behind one proxy, with `--routing documents` (the
+default: the key is the prompt through the first document of the question), `prompt` (the whole prompt: what a
+router hashing the prompt does) and `round-robin`, each from cold caches (`/reset_prefix_cache`): the prefix-cache
+hit rate the upstreams count themselves (vllm:prefix_cache_hits / vllm:prefix_cache_queries), also over the
+positions after the shared example (what routing can change: every upstream caches the example whatever the
+routing), requests/s and generated tokens/s at `clients` concurrent clients, and how the proxy chose (affinity,
+spill).
 (2) Cost. The service benchmark's prompts (documents as stored ids, 32 greedy tokens) from 32 concurrent
 clients: `arccompress serve --backend vllm` (the engine in process) against the proxy in front of one upstream
 running the same engine settings. Requests/s, tokens/s, time to first token.
@@ -46,15 +48,15 @@ from arccompress.engines.decoder_files import decoder_files  # noqa: E402
 from arccompress.prompts import PromptBuilder  # noqa: E402
 
 PRESETS = {
-    "cpu": dict(topics=64, zipf=1.0, requests=256, clients=32, new_tokens=8, kv="256M", block_size=32,
-                cost_prompts=192, cost_clients=(32,), cost_tokens=32, cost_kv="4G", max_model_len=2048,
+    "cpu": dict(topics=32, zipf=0.6, doc_words=(250, 350), requests=512, clients=32, new_tokens=8, kv="256M",
+                block_size=32, cost_prompts=192, cost_clients=(32,), cost_tokens=32, cost_kv="4G", max_model_len=2048,
                 flags=["--enforce-eager"], memory=[]),
-    "gpu": dict(topics=1024, zipf=1.0, requests=4096, clients=256, new_tokens=16, kv=None, block_size=16,
-                cost_prompts=2048, cost_clients=(32, 256), cost_tokens=64, cost_kv=None, max_model_len=8192,
-                flags=[], memory=["--gpu-memory-utilization", "0.40"]),
+    "gpu": dict(topics=1024, zipf=0.6, doc_words=(250, 350), requests=4096, clients=256, new_tokens=16, kv=None,
+                block_size=16, cost_prompts=2048, cost_clients=(32, 256), cost_tokens=64, cost_kv=None,
+                max_model_len=8192, flags=[], memory=["--gpu-memory-utilization", "0.40"]),
 }
-SMALL = dict(topics=4, requests=12, clients=4, new_tokens=2, kv="64M", cost_prompts=8, cost_clients=(4,),
-             cost_tokens=4, max_model_len=1024, flags=["--enforce-eager"])
+SMALL = dict(topics=4, doc_words=(40, 60), requests=12, clients=4, new_tokens=2, kv="64M", cost_prompts=8,
+             cost_clients=(4,), cost_tokens=4, max_model_len=1024, flags=["--enforce-eager"])
 ROUTINGS = ("documents", "prompt", "round-robin")
 EXAMPLE_QA = "\nQuestion: What is described?\nAnswer: A module of the standard library.\n\n"
 
@@ -63,8 +65,8 @@ def routing_prompts(n: int, topics: int, zipf: float, words: tuple[int, int]) ->
     """n few-shot prompts on the wire (documents as store ids), the documents to store, and the topics asked."""
     rng = random.Random(0)
     paragraphs = corpus(400)
-    docs = {f"t{i // 5}-{i % 5}": " ".join(paragraphs[i % len(paragraphs)].split()[: rng.randint(*words)]) +
-            f" (document {i})" for i in range(5 * topics)}
+    docs = {f"t{i // 5}-{i % 5}": " ".join(" ".join(paragraphs[(i + j) % len(paragraphs)] for j in range(3)).split()
+                                          [: rng.randint(*words)]) + f" (document {i})" for i in range(5 * topics)}
     docs |= {f"example-{j}": paragraphs[-1 - j] for j in range(5)}
     weights = [1 / (k + 1) ** zipf for k in range(topics)]
     asked = rng.choices(range(topics), weights, k=n)
@@ -133,6 +135,9 @@ def main() -> None:
     serving = dict(SERVING[args.preset]) | (SERVING_SMALL if small else {})
     spec["dtype"] = serving["dtype"]
     env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"} if args.preset == "cpu" else {}
+    # the preset sizes every KV cache itself: on a CPU, VLLM_CPU_KVCACHE_SPACE would override those sizes, and caches
+    # large enough to hold every topic would leave routing nothing to decide
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     result: dict = {"preset": args.preset, "scale": args.scale, "machine": machine(), "decoder": serving["decoder"],
                     "dtype": spec["dtype"], "block_size": spec["block_size"], "kv_cache_per_upstream": spec["kv"],
                     "routing": {}, "cost": {}}
@@ -146,7 +151,7 @@ def main() -> None:
         step("building the encoder, the decoder, the store and the prompts")
         decoder, encoder, device = build_models(args.preset, args.scale, work)
         comp = Compressor.from_pretrained(encoder, device=device)
-        prompts, docs, topics_asked = routing_prompts(spec["requests"], spec["topics"], spec["zipf"], serving["words"])
+        prompts, docs, topics_asked = routing_prompts(spec["requests"], spec["topics"], spec["zipf"], spec["doc_words"])
         cost_prompts, _, _, cost_docs = prompts_of(comp, spec["cost_prompts"], serving["words"])
         with ContextStore(work / "store", compressor=comp) as store:
             store.add_texts(list(docs | cost_docs), list((docs | cost_docs).values()))
