@@ -8,8 +8,8 @@ costs against the same engine in process.
 documents per question) whose documents follow a skewed popularity: each request asks about a topic drawn from a
 Zipf law over `topics` topics, and a topic's question retrieves that topic's five documents (the same ones, in the
 same order, each time); questions differ. Documents (`doc_words` words each) are stored ids. Two upstreams (vLLM's
-OpenAI server, prefix caching on, a KV cache of `kv` each: on the CPU preset, room for the documents of about half
-the topics, the regime where routing decides what stays cached) behind one proxy, with `--routing documents` (the
+OpenAI server, prefix caching on, a KV cache of `kv` each: on the CPU preset 5,860 positions, less than the 32
+topics' documents take, about 7,700) behind one proxy, with `--routing documents` (the
 default: the key is the prompt through the first document of the question), `prompt` (the whole prompt: what a
 router hashing the prompt does) and `round-robin`, each from cold caches (`/reset_prefix_cache`): the prefix-cache
 hit rate the upstreams count themselves (vllm:prefix_cache_hits / vllm:prefix_cache_queries), also over the
