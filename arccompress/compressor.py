@@ -276,6 +276,11 @@ class Compressor:
 
     # ------------------------------------------------------------------ internals
 
+    def cont_row(self) -> torch.Tensor:
+        """(1, H): the <Cont> row that closes every context of the head in use, as the decoder reads it."""
+        with torch.no_grad():
+            return self.model.head(self._require_head()).cont_row().detach()
+
     def _require_head(self) -> int:
         if self._head is None:
             raise InputError(

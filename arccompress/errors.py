@@ -54,3 +54,7 @@ class ContextNotFoundError(ArcCompressError, KeyError):
 
 class EngineError(ArcCompressError, RuntimeError):
     """A generation engine or server that failed or answered something unusable."""
+
+
+class UnavailableError(EngineError):
+    """An engine that cannot take the work now (no server of a fleet in rotation): a service answers 503."""

@@ -331,6 +331,17 @@ def step(name: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
 
 
+def page_start(title: str, r: dict, decoder: dict | None = None) -> list[str]:
+    """The first lines of a results page: its title with the preset and scale, then the machine (and the random
+    decoder, given its sizes) as the start of a paragraph that the page goes on with."""
+    m = r["machine"]
+    line = f"Machine: {m.get('gpu', m['cpu'])} ({m['cores']} cores), torch {m['torch']}."
+    if decoder is not None:
+        line += (f" Decoder: Mistral architecture, hidden {decoder['hidden_size']}, {decoder['num_hidden_layers']} "
+                 f"layers, {r['dtype']}, random weights.")
+    return [f"# {title} — preset `{r['preset']}`{' (small scale)' if r['scale'] == 'small' else ''}", "", line]
+
+
 def save_results(out: str | Path, name: str, result: dict, text: str, *, echo: bool = True) -> None:
     """<out>/<name>.json and <out>/<name>.md, each replaced whole (a kill never leaves half a file), and the
     markdown on stdout when `echo`. Benchmarks call it after every section, so a late failure loses nothing."""

@@ -52,7 +52,7 @@ from arccompress.engines import VLLMGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench import ARC8, CPU_ENCODER, SMALL_ENCODER, arguments, machine, save_results, step  # noqa: E402
+from bench import ARC8, CPU_ENCODER, SMALL_ENCODER, arguments, machine, page_start, save_results, step  # noqa: E402
 from bench_serving import PRESETS as SERVING, SMALL as SERVING_SMALL, build_decoder  # noqa: E402
 from bench_store import corpus  # noqa: E402
 
@@ -279,6 +279,28 @@ def plot_soak(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def load_table(servers: list[tuple[str, list[dict]]]) -> list[str]:
+    """A markdown table of `load` runs: per server (its label, its runs), a row per number of clients."""
+    lines = ["| server | clients | requests/s | tokens/s | TTFT p50 | TTFT p95 |", "| --- | --- | --- | --- | --- | --- |"]
+    for label, runs in servers:
+        lines += [f"| {label} | {x['clients']} | {x['requests_per_s']:.2f} | {x['tokens_per_s']:,.0f} | "
+                  f"{x['ttft_p50_s'] * 1e3:,.0f} ms | {x['ttft_p95_s'] * 1e3:,.0f} ms |" for x in runs]
+    return lines
+
+
+def build_models(preset: str, scale: str, work: Path) -> tuple[Path, Path, str]:
+    """The serving benchmark's random decoder (with Mistral's tokenizer) and an encoder for it (with Llama 3's) under
+    `work`, and the device the encoder runs on: (decoder, encoder, device)."""
+    serving = dict(SERVING[preset]) | (SERVING_SMALL if scale == "small" else {})
+    hidden = serving["decoder"]["hidden_size"]
+    decoder = build_decoder(serving["decoder"], serving["dtype"], work / "decoder")
+    tok = AutoTokenizer.from_pretrained(bundled_llama3_tokenizer())
+    base = SMALL_ENCODER if scale == "small" else ARC8 if preset == "gpu" else CPU_ENCODER
+    cfg = replace(base, vocab_size=len(tok), bridge_hidden_dim=min(hidden, ARC8.bridge_hidden_dim))
+    encoder = build_tiny_encoder(work / "encoder", config=cfg, decoder_hidden_size=hidden, tokenizer=tok)
+    return decoder, encoder, "cuda" if preset == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def metric(url: str, name: str) -> float:
     text = httpx.get(url, timeout=10).text
     return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
@@ -299,7 +321,7 @@ def main() -> None:
         save_results(args.out, name, result, markdown(result), echo=False)
 
     serving = dict(SERVING[args.preset]) | (SERVING_SMALL if args.scale == "small" else {})
-    hidden, dtype, new = serving["decoder"]["hidden_size"], serving["dtype"], spec["new_tokens"]
+    dtype, new = serving["dtype"], spec["new_tokens"]
     result: dict = {"preset": args.preset, "scale": args.scale, "machine": machine(), "decoder": serving["decoder"],
                     "dtype": dtype, "prompts": spec["prompts"], "new_tokens": new, "load_at_start": os.getloadavg()}
     engine = ["--dtype", dtype, "--max-model-len", str(spec["max_model_len"]), *spec["engine_flags"]]
@@ -308,12 +330,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="arc-service-") as work:
         work = Path(work)
         step("building the encoder, the decoder, the store and the prompts")
-        decoder = build_decoder(serving["decoder"], dtype, work / "decoder")
-        tok = AutoTokenizer.from_pretrained(bundled_llama3_tokenizer())
-        base = SMALL_ENCODER if args.scale == "small" else ARC8 if args.preset == "gpu" else CPU_ENCODER
-        cfg = replace(base, vocab_size=len(tok), bridge_hidden_dim=min(hidden, ARC8.bridge_hidden_dim))
-        encoder = build_tiny_encoder(work / "encoder", config=cfg, decoder_hidden_size=hidden, tokenizer=tok)
-        device = "cuda" if args.preset == "gpu" and torch.cuda.is_available() else "cpu"
+        decoder, encoder, device = build_models(args.preset, args.scale, work)
         comp = Compressor.from_pretrained(encoder, device=device)
         by_id, by_text, full, stored = prompts_of(comp, spec["prompts"], serving["words"])
         with ContextStore(work / "store", compressor=comp) as store:
@@ -424,19 +441,12 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    d = r["decoder"]
-    lines = [f"# Service benchmark — preset `{r['preset']}`{' (small scale)' if r['scale'] == 'small' else ''}", "",
-             f"Machine: {r['machine'].get('gpu', r['machine']['cpu'])}, torch {r['machine']['torch']}. Decoder: "
-             f"Mistral architecture, hidden {d['hidden_size']}, {d['num_hidden_layers']} layers, {r['dtype']}, random "
-             f"weights. {r['prompts']} few-shot QA prompts (one example shared by all, 5 documents each), "
-             f"{r['new_tokens']} greedy tokens each, streamed through the openai client.", "",
-             "| server | clients | requests/s | tokens/s | TTFT p50 | TTFT p95 |", "| --- | --- | --- | --- | --- | --- |"]
-    for key, label in (("service_ids", "(a) `arccompress serve`, documents as store ids"),
-                       ("service_text", "(b) `arccompress serve`, documents as text"),
-                       ("vllm_full_text", "(c) vLLM's OpenAI server, documents as full text")):
-        for x in r.get(key, []):
-            lines.append(f"| {label} | {x['clients']} | {x['requests_per_s']:.2f} | {x['tokens_per_s']:,.0f} | "
-                         f"{x['ttft_p50_s'] * 1e3:,.0f} ms | {x['ttft_p95_s'] * 1e3:,.0f} ms |")
+    lines = page_start("Service benchmark", r, r["decoder"])
+    lines[-1] += (f" {r['prompts']} few-shot QA prompts (one example shared by all, 5 documents each), "
+                  f"{r['new_tokens']} greedy tokens each, streamed through the openai client.")
+    lines += ["", *load_table([("(a) `arccompress serve`, documents as store ids", r.get("service_ids", [])),
+                               ("(b) `arccompress serve`, documents as text", r.get("service_text", [])),
+                               ("(c) vLLM's OpenAI server, documents as full text", r.get("vllm_full_text", []))])]
     if "vllm_generator" in r:
         lines += markdown_ratios(r)
     if "soak" in r:

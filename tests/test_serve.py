@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -47,6 +48,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, output: Callable[[], str]) -> None:
+    """Until the server at `url` answers /health with 200; AssertionError with its `output()` if it exits first or
+    is not ready in `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode}:\n{output()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the server was not ready in {timeout} s:\n{output()}")
+
+
 class Server:
     """`arccompress serve ...` in a subprocess on a free port; `stop()` sends SIGTERM and waits (bounded)."""
 
@@ -59,17 +76,8 @@ class Server:
                                      env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 120) -> Server:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"the server was not ready in {timeout} s:\n{self.output()}")
+        wait_healthy(self.proc, self.url, timeout, self.output)
+        return self
 
     def output(self) -> str:
         self.log.flush()
@@ -158,11 +166,11 @@ def test_completions_give_the_generators_greedy_text(client, reference):
                                                                                        max_new_tokens=5)
 
 
-def test_chat_splices_documents_where_they_stand(client, reference, models):
-    gen, store = reference
+def chat_with_documents(tok, store) -> tuple[list[dict], list]:
+    """Chat messages whose user turn holds a stored document and one given as text, and the same prompt as the
+    in-process Generator reads it: the chat template's text as token ids, the documents where they stand."""
     from arccompress.prompts import TokenIds
 
-    tok = gen.tokenizer
     messages = [{"role": "system", "content": "Answer from the documents."},
                 {"role": "user", "content": [{"type": "text", "text": "Read "}, doc_id("loire"),
                                              {"type": "text", "text": " then "}, doc_text("blanc"),
@@ -174,6 +182,12 @@ def test_chat_splices_documents_where_they_stand(client, reference, models):
     parts = [TokenIds(tok(runs[0], add_special_tokens=False)["input_ids"]), store["loire"],
              TokenIds(tok(runs[1], add_special_tokens=False)["input_ids"]), ContextText(DOCS["blanc"]),
              TokenIds(tok(runs[2], add_special_tokens=False)["input_ids"])]
+    return messages, parts
+
+
+def test_chat_splices_documents_where_they_stand(client, reference, models):
+    gen, store = reference
+    messages, parts = chat_with_documents(gen.tokenizer, store)
     expected = gen.generate(parts, max_new_tokens=10)
     got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
     assert got.choices[0].message.content == expected and got.choices[0].message.role == "assistant"

@@ -42,11 +42,31 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     g.add_argument("--enforce-eager", action="store_true", help="vllm: no CUDA graphs / torch.compile")
     g.add_argument("--block-size", type=positive_int, help="vllm: positions per KV-cache block (prefix caching shares "
                                                             "whole blocks; default 16 on GPUs, 32 here on a CPU)")
+    g = p.add_argument_group("upstreams: vLLM servers that generate, in front of which this server compresses")
+    g.add_argument("--upstream", action="append", metavar="URL",
+                   help="a vLLM OpenAI server (http://host:port, with or without /v1) of the decoder, started with "
+                        "--enable-prompt-embeds and reachable by this server alone; repeat for several. This server "
+                        "keeps the decoder's tokenizer and input embeddings, never its other weights")
+    g.add_argument("--upstream-api-key", help="the upstreams' API key (default: $ARCCOMPRESS_UPSTREAM_API_KEY, if set)")
+    g.add_argument("--upstream-model", help="the upstreams' model name (default: their only one)")
+    g.add_argument("--routing", choices=["documents", "prompt", "round-robin"], default="documents",
+                   help="documents (default): requests with the same leading content (instructions, examples, then the "
+                        "same first document) go to the same upstream, whose prefix cache holds it; prompt: only "
+                        "identical prompts do; round-robin: in turn")
+    g.add_argument("--load-factor", type=positive_float, default=1.25,
+                   help="an upstream holding more than this times its share of the requests in flight passes work to "
+                        "the next in the request's ranking (default 1.25)")
+    g.add_argument("--upstream-timeout", type=positive_float, default=600.0,
+                   help="seconds a request may take on the upstreams, failovers included (default 600)")
+    g.add_argument("--health-interval", type=positive_float, default=5.0,
+                   help="seconds between health probes of each upstream (default 5)")
+    g.add_argument("--upstream-wait", type=non_negative, default=300.0,
+                   help="seconds to wait at start for an upstream to answer (default 300)")
     g = p.add_argument_group("throughput and limits")
     g.add_argument("--batch-window-ms", type=positive_float, default=5.0,
                    help="how long concurrent requests' texts gather into one encoder call (default 5 ms)")
     g.add_argument("--batch-tokens", type=positive_int, default=16384, help="encoder tokens per compression batch")
-    g.add_argument("--cache-mib", type=mebibytes,
+    g.add_argument("--cache-mib", type=non_negative,
                    help="MiB of compressed texts kept for reuse (LRU; 0: none; default: 131,072 context rows of the "
                         "decoder's width, 1 GiB for a 4096-wide decoder in bfloat16)")
     g.add_argument("--max-batch", type=positive_int, default=32, help="transformers: sequences per generate")
@@ -77,23 +97,37 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.set_defaults(run=run)
 
 
-def mebibytes(text: str) -> float:
-    """A size in MiB, 0 allowed (for --cache-mib: no cache)."""
+def non_negative(text: str) -> float:
+    """A finite number >= 0 (--cache-mib 0: no cache; --upstream-wait 0: no wait)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of MiB >= 0, not {text}")
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
     return value
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """What the backend gets: transformers' Generator.from_pretrained or vLLM's AsyncEngineArgs."""
+    """What the engine gets: transformers' Generator.from_pretrained, vLLM's AsyncEngineArgs, or the upstreams'
+    AsyncVLLMFleet.connect."""
+    engine_flags = [f"--{k.replace('_', '-')}" for k in ("quantization", "max_model_len", "tensor_parallel_size",
+                                                         "gpu_memory_utilization", "kv_cache_gib", "block_size")
+                    if getattr(args, k) is not None] + (["--enforce-eager"] if args.enforce_eager else [])
+    if args.upstream:
+        if args.backend != "transformers" or engine_flags:
+            given = (["--backend"] if args.backend != "transformers" else []) + engine_flags
+            raise InputError(f"{', '.join(given)}: with --upstream the upstreams generate; give these to them")
+        options = {"model": args.upstream_model, "routing": args.routing, "load_factor": args.load_factor,
+                   "timeout": args.upstream_timeout, "health_interval": args.health_interval,
+                   "wait": args.upstream_wait, "dtype": args.dtype, "local_files_only": args.offline or None}
+        return {k: v for k, v in options.items() if v is not None}
+    upstream_only = [flag for flag, given in (("--upstream-api-key", args.upstream_api_key),
+                                              ("--upstream-model", args.upstream_model)) if given]
+    if upstream_only:
+        raise InputError(f"{', '.join(upstream_only)} configure upstreams: add --upstream URL")
     if args.backend == "transformers":
-        vllm_only = [f"--{k.replace('_', '-')}" for k in ("max_model_len", "tensor_parallel_size",
-                                                          "gpu_memory_utilization", "kv_cache_gib", "block_size")
-                     if getattr(args, k) is not None] + (["--enforce-eager"] if args.enforce_eager else [])
+        vllm_only = [flag for flag in engine_flags if flag != "--quantization"]
         if vllm_only:
             raise InputError(f"{', '.join(vllm_only)} configure vLLM: add --backend vllm")
         if args.quantization not in (None, "4bit", "8bit"):
@@ -112,6 +146,8 @@ def config_from(args: argparse.Namespace) -> ServiceConfig:
     from ..serve import Limits, ServiceConfig
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("ARCCOMPRESS_API_KEY") or None
+    upstream_key = args.upstream_api_key if args.upstream_api_key is not None else \
+        os.environ.get("ARCCOMPRESS_UPSTREAM_API_KEY") or None
     return ServiceConfig(
         encoder=str(args.encoder), decoder=str(args.decoder), store=args.store, backend=args.backend,
         served_name=args.served_model_name, api_key=api_key,
@@ -123,7 +159,8 @@ def config_from(args: argparse.Namespace) -> ServiceConfig:
                       max_stop=args.max_stop, max_stop_chars=args.max_stop_chars),
         batch_window=args.batch_window_ms / 1000, batch_tokens=args.batch_tokens, cache_mib=args.cache_mib,
         max_batch=args.max_batch, max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
-        verbose=args.verbose)
+        verbose=args.verbose, upstreams=tuple(args.upstream or ()),
+        upstream_api_key=upstream_key if args.upstream else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         print(f"arccompress serve: warning: binding {args.host} without --api-key: anyone who reaches it may use it",
               file=sys.stderr)
+    if config.upstreams:
+        check_upstreams_first(config)
     if args.ray:
         return run_on_ray(args, config)
     if args.replicas != 1 or args.gpus_per_replica is not None or args.address:
@@ -182,6 +221,21 @@ def open_files_to_the_hard_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):  # a container's limit below the hard one: keep the soft one
             pass
+
+
+def check_upstreams_first(config: ServiceConfig) -> None:
+    """The upstreams' start-up checks before any model loads: one refusing (no --enable-prompt-embeds, another
+    key, another model) or none answering is one line and exit 2, in seconds."""
+    from ..engines.decoder_files import decoder_config
+    from ..engines.remote.fleet import check_upstreams, upstream_root
+
+    options = config.engine_options
+    hidden = decoder_config(config.decoder, local_files_only=options.get("local_files_only")).get("hidden_size")
+    if not isinstance(hidden, int):
+        raise InputError(f"{config.decoder}: its config.json does not say its hidden_size")
+    check_upstreams([upstream_root(u) for u in config.upstreams], hidden_size=hidden, api_key=config.upstream_api_key,
+                    model=options.get("model"), wait=options.get("wait", 300.0),
+                    say=lambda line: print(f"arccompress serve: {line}", file=sys.stderr, flush=True))
 
 
 def run_on_ray(args: argparse.Namespace, config: ServiceConfig) -> int:

@@ -5,7 +5,8 @@
     transformers    Generator: a transformers decoder in this process
     vllm            VLLMGenerator: a vLLM engine in this process
     decoder_files   what an engine needs of a decoder served elsewhere: its tokenizer and input embeddings only
-    remote/         engines behind HTTP: VLLMClient (a vLLM server, prompt embeddings), ServiceClient (a service)
+    remote/         engines behind HTTP: VLLMClient (a vLLM server, prompt embeddings), ServiceClient (a service),
+                    AsyncVLLMFleet (vLLM servers behind a service: routing, health, failover)
 
 Every engine reads the same prompts (`arccompress.prompts`) and answers through the same `Engine` methods. Names
 load on first use: the remote engines need httpx (`arccompress[client]`), the vLLM engine needs vllm when started.
@@ -21,7 +22,8 @@ _EXPORTS = {
     "Generator": "transformers", "VLLMGenerator": "vllm", "decoder_files": "decoder_files",
     "read_embedding_matrix": "decoder_files", "VLLMClient": "remote.vllm_server",
     "VLLMServerError": "remote.vllm_server", "encode_prompt_embeds": "remote.vllm_server",
-    "ServiceClient": "remote.service", "ServiceError": "remote.service",
+    "ServiceClient": "remote.service", "ServiceError": "remote.service", "AsyncVLLMFleet": "remote.fleet",
+    "UpstreamError": "remote.fleet",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -265,10 +265,14 @@ class LocalEngine(LocalDecoder, Engine):
 @dataclass
 class Observer:
     """What an async engine reports as it works, for whoever counts (the service's metrics): tokens as they are
-    generated, and, at a request's end, its prompt positions read from the engine's prefix cache and looked up."""
+    generated, and, at a request's end, its prompt positions read from the engine's prefix cache and looked up; an
+    engine over several servers, which server each request went to and how it was chosen (`routed`), and each
+    failure of a server (`failed`)."""
 
     tokens: Callable[[int], None] = lambda n: None
     prefix_cache: Callable[[int, int], None] = lambda hits, queried: None
+    routed: Callable[[str, str], None] = lambda server, decision: None
+    failed: Callable[[str], None] = lambda server: None
 
 
 class AsyncEngine(LocalDecoder):

@@ -106,9 +106,7 @@ def decoder_files(
 ) -> DecoderFiles:
     """The tokenizer, input-embedding matrix, SentencePiece model file and config of a decoder, without its
     other weights."""
-    folder = resolve_folder(decoder, what="decoder", revision=revision, token=token, local_files_only=local_files_only,
-                            allow_patterns=DECODER_SIDE_FILES)
-    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    folder, config = _side_files(decoder, revision, token, local_files_only)
     try:
         tok = tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else AutoTokenizer.from_pretrained(
             str(tokenizer or folder), trust_remote_code=False, local_files_only=True)
@@ -116,3 +114,19 @@ def decoder_files(
         raise NotFoundError(f"{decoder}: no usable tokenizer ({e}); pass tokenizer=") from None
     weight = read_embedding_matrix(decoder, revision=revision, token=token)
     return DecoderFiles(tok, weight, find_sentencepiece_model(tok, folder), config)
+
+
+def decoder_config(
+    decoder: str | Path, *, revision: str | None = None, token: str | bool | None = None,
+    local_files_only: bool | None = None,
+) -> dict[str, Any]:
+    """A decoder's config.json ({} if there is none), its weights left where they are."""
+    return _side_files(decoder, revision, token, local_files_only)[1]
+
+
+def _side_files(decoder: str | Path, revision: str | None, token: str | bool | None,
+                local_files_only: bool | None) -> tuple[Path, dict[str, Any]]:
+    """The decoder's folder holding its files other than weights (fetched from the hub if need be), and its config."""
+    folder = resolve_folder(decoder, what="decoder", revision=revision, token=token, local_files_only=local_files_only,
+                            allow_patterns=DECODER_SIDE_FILES)
+    return folder, read_json(folder / "config.json") if (folder / "config.json").is_file() else {}

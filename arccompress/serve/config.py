@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import InputError
 
-BACKENDS = ("transformers", "vllm")
+BACKENDS = ("transformers", "vllm", "upstream")
 
 
 CHARS_PER_TOKEN = 16  # prose takes 4-5 characters per token: a text over 16 per token of a limit cannot fit it
@@ -56,7 +56,10 @@ class ServiceConfig:
     `encoder_options` go to `Compressor.from_pretrained` (tokenizer, head, device, dtype, revision, ...);
     `engine_options` to the backend (transformers: `Generator.from_pretrained`'s quantization, dtype, ...; vLLM:
     `AsyncEngineArgs` fields such as quantization, dtype, max_model_len, tensor_parallel_size,
-    gpu_memory_utilization). Texts of concurrent requests are compressed together: a batch gathers for
+    gpu_memory_utilization; upstreams: `AsyncVLLMFleet.connect`'s model, routing, load_factor, timeout,
+    health_interval, wait, dtype). `upstreams`: vLLM OpenAI servers of the decoder, started with
+    `--enable-prompt-embeds`, that generate instead of an engine in this process (the backend is then "upstream";
+    `upstream_api_key` is sent to them). Texts of concurrent requests are compressed together: a batch gathers for
     `batch_window` seconds, up to `batch_tokens` encoder tokens; compressed texts are kept for reuse (LRU) within
     `cache_mib` MiB (None: room for `DEFAULT_CACHE_POSITIONS` rows of the decoder's width; 0: none). The
     transformers backend generates up to `max_batch` sequences in one `generate`.
@@ -82,12 +85,24 @@ class ServiceConfig:
     max_queued_requests: int = 512
     request_timeout: float | None = None
     verbose: bool = False
+    upstreams: tuple[str, ...] = ()
+    upstream_api_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise InputError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         if self.api_key is not None and not self.api_key:
             raise InputError("an empty API key would let everyone in: give a key, or none")
+        if isinstance(self.upstreams, str) or not all(isinstance(u, str) for u in self.upstreams):
+            raise InputError(f"upstreams must be a list of URLs, not {self.upstreams!r}")
+        object.__setattr__(self, "upstreams", tuple(self.upstreams))
+        if self.upstreams and self.backend == "transformers":  # the default: upstreams given, they generate
+            object.__setattr__(self, "backend", "upstream")
+        if (self.backend == "upstream") != bool(self.upstreams):
+            raise InputError("the upstream backend generates on upstreams: give their URLs" if not self.upstreams
+                             else f"upstreams generate instead of the {self.backend} backend: leave the backend out")
+        if self.upstream_api_key is not None and not self.upstream_api_key:
+            raise InputError("an empty upstream API key: give a key, or none")
         if self.cache_mib is not None and self.cache_mib < 0:
             raise InputError(f"cache_mib must be >= 0 (0: no cache), not {self.cache_mib}")
         if self.max_queued_requests < 1:

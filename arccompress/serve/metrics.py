@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
@@ -52,6 +55,32 @@ class Metrics:
                               "generated token", buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("arccompress_request_latency_seconds", "from arrival to the last byte",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+
+        # upstreams (arccompress serve --upstream): where requests went and why, what each holds, whether it is in
+        self.upstream_requests = Counter("arccompress_upstream_requests", "requests sent to each upstream, by how it "
+                                         "was chosen: affinity (the key's first), spill (the first was over its "
+                                         "share of requests in flight), failover (the ones before were out of "
+                                         "rotation or failed the request), round-robin", ["upstream", "decision"],
+                                         registry=r)
+        self.upstream_failures = Counter("arccompress_upstream_failures", "requests or probes an upstream failed "
+                                         "(each takes it out of rotation until it passes its checks again)",
+                                         ["upstream"], registry=r)
+        self.upstream_in_flight = Gauge("arccompress_upstream_in_flight", "requests in flight on each upstream",
+                                        ["upstream"], registry=r)
+        self.upstream_up = Gauge("arccompress_upstream_up", "1 while the upstream is in rotation, 0 while it is out",
+                                 ["upstream"], registry=r)
+
+    def routed(self, upstream: str, decision: str) -> None:
+        self.upstream_requests.labels(upstream, decision).inc()
+
+    def upstream_failed(self, upstream: str) -> None:
+        self.upstream_failures.labels(upstream).inc()
+
+    def watch_upstreams(self, upstreams: Sequence[Any]) -> None:
+        """Gauges read from the upstreams (`.name`, `.in_flight`, `.up`) when /metrics is scraped."""
+        for u in upstreams:
+            self.upstream_in_flight.labels(u.name).set_function(lambda u=u: u.in_flight)
+            self.upstream_up.labels(u.name).set_function(lambda u=u: float(u.up))
 
     def prefix_cache(self, hits: int, queried: int) -> None:
         """A request's prompt positions read from the engine's prefix cache, of those looked up."""

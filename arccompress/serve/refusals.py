@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import ArcCompressError, ContextNotFoundError, EngineError, InputError
+from ..errors import ArcCompressError, ContextNotFoundError, EngineError, InputError, UnavailableError
 from ..tokenization import check_text
 from .body import BodyError, Invalid
 from .protocol import QUOTE_CHARS, error_body, quote
@@ -96,6 +96,9 @@ async def refused(request: Request, exc: ArcCompressError) -> JSONResponse:
         return error_response(exc.status, str(exc), param=exc.param)
     if isinstance(exc, ContextNotFoundError):
         return error_response(404, str(exc))
+    if isinstance(exc, UnavailableError):
+        logger.warning("engine unavailable: %s", exc)
+        return error_response(503, str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, EngineError):
         logger.error("engine failure: %s", exc)
         return error_response(500, str(exc))

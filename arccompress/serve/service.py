@@ -23,6 +23,7 @@ import torch
 
 from ..compressor import Compressor
 from ..engines.base import AsyncEngine, Observer, Sampling
+from ..engines.remote.fleet import AsyncVLLMFleet
 from ..engines.text import Delta
 from ..engines.transformers_async import AsyncGenerator
 from ..engines.vllm_async import AsyncVLLMGenerator
@@ -83,8 +84,14 @@ class Service:
         self.compressor = await asyncio.to_thread(Compressor.from_pretrained, c.encoder, **c.encoder_options)
         if c.store is not None:
             self.store = await asyncio.to_thread(ContextStore, c.store, compressor=self.compressor)
-        observer = Observer(tokens=self.metrics.generated_tokens.inc, prefix_cache=self.metrics.prefix_cache)
-        if c.backend == "vllm":
+        observer = Observer(tokens=self.metrics.generated_tokens.inc, prefix_cache=self.metrics.prefix_cache,
+                            routed=self.metrics.routed, failed=self.metrics.upstream_failed)
+        if c.backend == "upstream":
+            self.engine = await AsyncVLLMFleet.connect(c.upstreams, c.decoder, self.compressor,
+                                                       api_key=c.upstream_api_key, observer=observer,
+                                                       **c.engine_options)
+            self.metrics.watch_upstreams(self.engine.upstreams)
+        elif c.backend == "vllm":
             self.engine = await asyncio.to_thread(AsyncVLLMGenerator.load, c.decoder, self.compressor,
                                                    options=c.engine_options, verbose=c.verbose, observer=observer)
         else:

@@ -91,6 +91,10 @@ class Wire:
 
     # ------------------------------------------------------------------ requests
 
+    def get(self, path: str) -> bytes:
+        """GET `path`; the body of a successful answer (a health check's, say)."""
+        return self._request("GET", self.url(path), None)
+
     def get_json(self, path: str) -> Any:
         """GET `path`; the answer's JSON (any JSON value: check it with `json_field`)."""
         url = self.url(path)
