@@ -130,6 +130,46 @@ def tiny_dir(tmp_path_factory) -> Path:
 SLOW_LAST = ("test_store_processes.py", "test_serve.py", "test_serve_vllm.py", "test_vllm.py", "test_examples.py",
              "test_corpus.py", "test_benchmarks.py")
 
+# The tests `python -m pytest` leaves out (`--full` runs them, as CI does): a file whose tests took longer than about
+# 60 s together, or a test alone over 15 s, in `python -m pytest --full --durations=0` on 2 cores (the README gives
+# both tiers' times). A name ending in ".py" marks its whole file; "file.py::test" one test, with its parameters.
+SLOW = (
+    "test_benchmarks.py", "test_examples.py", "test_store_processes.py", "test_corpus.py",
+    "test_docs.py::test_every_block_of_the_page_runs", "test_docs.py::test_the_site_builds",
+)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="run the slow tests too (what CI runs); without it they are deselected, unless -m or a "
+                          "test's own id asks for them")
+
+
+DESELECTED_SLOW = pytest.StashKey[int]()
+
+
+def slow(item) -> bool:
+    name = item.path.name
+    return name in SLOW or f"{name}::{item.originalname}" in SLOW
+
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if slow(item):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: SLOW_LAST.index(item.path.name) + 1 if item.path.name in SLOW_LAST else 0)
+    named = any("::" in arg for arg in config.args)  # a test asked for by its id runs, slow or not
+    if config.getoption("--full") or config.option.markexpr or named:
+        return
+    deselected = [item for item in items if item.get_closest_marker("slow")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.stash[DESELECTED_SLOW] = len(deselected)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    count = config.stash.get(DESELECTED_SLOW, 0)
+    if count:
+        terminalreporter.write_line(f"{count} slow tests deselected: `python -m pytest --full` runs them too (as CI "
+                                    "does)")
