@@ -168,8 +168,8 @@ class Page:
         for found in PIP.finditer(code):
             check_pip_install(found.group(2), block)
         code = PIP.sub(r"\1true ", code)
-        code = re.sub(r"\bpython -m pytest\b", f"(cd {shlex.quote(str(REPO))} && python -m pytest --collect-only -q)",
-                      code)  # the suite, not run inside itself
+        code = re.sub(r"\bpython -m pytest\b([^&;|#\n]*)",  # the suite collected, not run inside itself
+                      lambda m: f"(cd {shlex.quote(str(REPO))} && python -m pytest --collect-only -q{m.group(1)})", code)
         done = subprocess.run(["bash", "-eo", "pipefail", "-c", code], cwd=self.folder, env=self.env, timeout=timeout,
                               capture_output=True, text=True)
         assert done.returncode == 0, f"{block.where} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
