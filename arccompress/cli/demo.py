@@ -28,7 +28,8 @@ def demo(workdir: Path) -> int:
     from ..tiny import build_tiny_pair
 
     print("arccompress demo: a tiny ARC-Encoder and decoder with RANDOM weights, built on the spot (no download).")
-    print("Every step is the real pipeline; the generated text is noise because the weights are random.\n")
+    print("Every step is the real pipeline; the generated text is noise because the weights are random (the tiny")
+    print("decoder is arranged to pick letters, so that its noise shows as text).\n")
     with quiet_loading():
         encoder, decoder = build_tiny_pair(workdir)
     comp = Compressor.from_pretrained(encoder)
@@ -49,6 +50,8 @@ def demo(workdir: Path) -> int:
     s = gen.savings(prompt)
     print(f"\nprompt    few-shot QA, {s.num_contexts} compressed documents: {s.prompt_length} decoder positions "
           f"instead of {s.full_text_prompt_length} with the full text")
-    answer = gen.generate(prompt, max_new_tokens=16)
-    print(f"generate  {answer!r}")
+    answer = gen.generate(prompt, max_new_tokens=24, temperature=1.0, seed=0)
+    print(f"generate  {answer!r}  (sampled, temperature 1, seed 0: random letters from random weights)")
+    print("\nWith the released models: arccompress ask --encoder kyutai/ARC8_Encoder_Mistral "
+          "--decoder mistralai/Mistral-7B-v0.3 --text ... --question ...")
     return 0
