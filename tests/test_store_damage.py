@@ -195,11 +195,15 @@ def test_a_damaged_id_index_blames_no_data_file_and_verify_and_repair_mend_it(tm
     assert after.verify().ok and "id-77" in after and torch.equal(after["id-77"].embeddings, ctx(77).embeddings)
 
 
-def test_compact_makes_a_damaged_index_whole(tmp_path):
+@pytest.mark.parametrize("how", ["truncated", "deleted", "flipped"])
+def test_compact_makes_a_damaged_index_whole(tmp_path, how):
+    """Red team r08, p23: compact failed on a cut-short index (no way back with the store's tools)."""
     path = tmp_path / "s"
     ten_files(path)
-    damage_index(path, "flipped")
+    damage_index(path, how)
     store = ContextStore(path)
+    store.add("new", ctx(500))  # a file the index does not cover: compaction merges it with covered ones
+    store.flush()
     assert not store.verify().ok
     store.compact()
     assert store.verify().ok and torch.equal(ContextStore(path)["id-77"].embeddings, ctx(77).embeddings)

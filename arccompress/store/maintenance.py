@@ -38,7 +38,7 @@ from .format import (
     cont_added,
     row_checksum,
 )
-from .location import LANCE_ERRORS, Location, cause
+from .location import LANCE_ERRORS, Location, cause, explain
 from .manifest import unfinished, unfinished_advice
 from .table import (
     ADDRESS,
@@ -158,7 +158,13 @@ def compact(location: Location) -> dict[str, Any]:
             raise StoreError(f"{location}: another writer compacted or repaired the store at the same time; run "
                              "compact again")
         dataset = table.ds.checkout_version(table.ds.latest_version)
-        dataset.optimize.compact_files(target_rows_per_fragment=COMPACT_ROWS)
+        try:
+            dataset.optimize.compact_files(target_rows_per_fragment=COMPACT_ROWS)
+        except LANCE_ERRORS as e:  # compaction moves the indices' rows: a damaged index is made whole first
+            if conflict(e) or explain(e)[0] is not None:
+                raise
+            dataset = rebuild_indices(dataset)
+            dataset.optimize.compact_files(target_rows_per_fragment=COMPACT_ROWS)
         dataset = rebuild_indices(dataset.checkout_version(dataset.latest_version))
     except LANCE_ERRORS as e:
         if conflict(e):
