@@ -299,6 +299,24 @@ def test_the_datasink_counts_a_retried_unit_once_and_refuses_another_text(single
     assert len(ContextStore(path)) == 2003
 
 
+def test_the_datasink_stores_an_id_repeated_in_one_tasks_blocks_once(single_process, tiny_dir, tmp_path):
+    """Red team r07: Ray hands one write task several blocks (`Datasink.min_rows_per_write`) that repeat an id; the
+    whole write failed ("ids given twice"), nothing stored. Now the id is stored once, as across tasks."""
+    import shutil
+
+    reference, _ = single_process
+    path = tmp_path / "store"
+    shutil.copytree(reference, path)
+    worker = EncodeBatch(path, encoder=tiny_dir / "hub")
+    first, second = worker.encode(["a", "dup"], ["text a", "text dup"]), worker.encode(["b", "dup"],
+                                                                                      ["text b", "text dup"])
+    sink = StoreDatasink(path)
+    sink.on_write_start()
+    sink.on_write_complete(SimpleNamespace(write_returns=[sink.write([first, second], None)]))
+    store = ContextStore(path)
+    assert sink.rows == 3 and len(store) == 2003 and store.stats()["duplicates"] == 0 and "dup" in store
+
+
 # ----------------------------------------------------------------------------- Ray Data
 
 

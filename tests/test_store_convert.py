@@ -98,6 +98,37 @@ def test_format_3_damage_and_repeated_ids_are_kept_as_format_3_read_them(old, tm
     assert key in ContextStore(tmp_path / "new")
 
 
+def test_a_stopped_conversion_says_so_and_converting_again_finishes_it(old, tmp_path, monkeypatch):
+    """Red team r05, p91: a conversion that stopped (a damaged old file, a kill) left a store that opened, verified
+    OK and showed as a normal store; converting again was refused. Now it is marked incomplete on open, in verify
+    and in `arccompress info`, and converting again finishes it."""
+    from arccompress.store import StoreDamageWarning, legacy
+
+    convert = sys.modules["arccompress.store.convert"]  # the module (the package's `convert` is its function)
+    real = legacy.rows
+
+    def stops(folder, data):  # the conversion dies after the first old file
+        for i, item in enumerate(real(folder, data)):
+            if i == 1:
+                raise StoreError("killed")
+            yield item
+
+    monkeypatch.setattr(convert, "rows", stops)
+    with pytest.raises(StoreError, match="killed"):
+        ContextStore.convert(old, tmp_path / "new")
+    with pytest.warns(StoreDamageWarning, match="stopped part-way .* run `arccompress convert"):
+        partial = ContextStore(tmp_path / "new")
+    assert partial.verify().conversion is not None and not partial.verify().ok
+    out = subprocess.run([sys.executable, "-m", "arccompress.cli", "info", str(tmp_path / "new")],
+                         capture_output=True, text=True, timeout=300)
+    assert "INCOMPLETE" in out.stdout and "stopped part-way" in out.stdout, out.stderr
+    monkeypatch.setattr(convert, "rows", real)
+    check_converted(ContextStore.convert(old, tmp_path / "new"))
+    assert ContextStore(tmp_path / "new").verify().ok
+    with pytest.raises(StoreError, match="already holds a store"):
+        ContextStore.convert(old, tmp_path / "new")
+
+
 def test_a_format_2_store_gains_checksums(old, tmp_path):
     """arccompress 0.2 wrote format 3's files without the checksum column."""
     manifest = json.loads((old / "manifest.json").read_text())

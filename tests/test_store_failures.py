@@ -275,3 +275,51 @@ def test_pq_with_too_few_training_vectors_names_the_minimum(tmp_path, tiny_dir):
     with pytest.raises(InputError, match=r"needs at least 256 training vectors, got \d+"):
         store.flush()
     assert len(store) == 100 and not (tmp_path / "s").exists()
+
+
+# ----------------------------------------------------------------------------- arguments, sizes
+
+
+def test_get_many_names_a_bad_id_or_device(tmp_path):
+    """Red team p58: a None or int id, an unknown device, CUDA on a machine without it came out as TypeError,
+    pyarrow's ArrowTypeError, RuntimeError and AssertionError."""
+    from arccompress.errors import InputTypeError
+
+    with ContextStore(tmp_path / "s", codec="float32") as store:
+        store.add("a", ctx(1))
+    store = ContextStore(tmp_path / "s")
+    with pytest.raises(InputTypeError, match="NoneType .*position 1"):
+        store.get_many(["a", None])
+    with pytest.raises(InputTypeError, match="int .*position 0"):
+        store.get_many([5])
+    with pytest.raises(InputError, match="device='nope' is not a torch device"):
+        store.get_many(["a"], device="nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA device"):
+            store.get_many(["a"], device="cuda")
+    assert torch.equal(store.get_many(["a"], device="cpu")[0].embeddings, ctx(1).embeddings)
+
+
+def test_a_repeated_id_in_a_large_add_many_is_named_by_position(tmp_path):
+    """Red team p51: the check counted each id in the whole list (minutes at 100,000 ids) and named no position."""
+    keys = [f"k{i}" for i in range(100_000)] + ["k7"]
+    store = ContextStore(tmp_path / "s", codec="float32")
+    with pytest.raises(InputError, match="'k7' is given twice: at positions 7 and 100000"):
+        store.add_many(keys, [ctx(1)] * len(keys))
+    assert len(store) == 0
+
+
+def test_a_pq_store_waiting_for_training_vectors_counts_them_without_gathering(tmp_path, monkeypatch):
+    """Red team p52: past flush_every, each context added to a pq store still waiting for train_size vectors
+    gathered the whole queue to count it (quadratic). Now the queue counts; it is gathered once, to train."""
+    from arccompress.store.writer import Queue
+
+    gathered = []
+    real = Queue.vectors
+    monkeypatch.setattr(Queue, "vectors", lambda self: gathered.append(1) or real(self))
+    store = ContextStore(tmp_path / "s", codec="decoder-pq", bits_per_dim=1.0, flush_every=4, train_size=300)
+    for i in range(149):  # 2 vectors each: 298, short of 300
+        store.add(f"k{i}", ctx(i))
+    assert not gathered and store.version is None
+    store.add("k149", ctx(149))
+    assert gathered == [1] and store.version is not None and len(store) == 150

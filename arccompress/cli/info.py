@@ -42,6 +42,7 @@ def print_rows(rows: list[tuple[str, str]]) -> int:
 
 def print_store(path: str | Path, options: dict[str, str] | None = None) -> int:
     from ..store import ContextStore
+    from ..store.manifest import unfinished, unfinished_advice
 
     store = ContextStore(path, storage_options=options)
     s = store.stats()
@@ -62,6 +63,9 @@ def print_store(path: str | Path, options: dict[str, str] | None = None) -> int:
     if s["duplicates"]:
         rows.append(("shadowed", f"{s['duplicates']} rows repeat an id (the first committed is read; `arccompress "
                                  "store compact` drops them)"))
+    source = unfinished(m)
+    if source is not None:
+        rows.append(("INCOMPLETE", unfinished_advice(store.location, source)))
     return print_rows(rows)
 
 

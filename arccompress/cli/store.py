@@ -26,8 +26,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p = sub.add_parser("store", parents=[common], help="look after a context store: verify, repair, compact, cleanup")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, help_text, run in (
-        ("verify", "read every row: list each damaged data file with its ids (exit 2 if any)", run_verify),
-        ("repair", "commit a version without the damaged data files and rows; print the ids to compute again",
+        ("verify", "read every row: list each damaged data file with its ids, and damaged indices (exit 2 if any)",
+         run_verify),
+        ("repair", ("commit a version without the damaged data files and rows, rebuild damaged indices; print the ids "
+                    "to compute again"),
          run_repair),
         ("compact", "merge data files, drop shadowed rows, bring the indices up to date", run_compact),
         ("cleanup", "remove old versions (time travel to them ends) and the files only they use", run_cleanup),
@@ -58,10 +60,18 @@ def run_verify(args: argparse.Namespace) -> int:
     for damage in report.damaged:
         print(damage)
         _print_ids(damage.ids or [], "verify")
+    for index in report.indices:
+        print(index)
+    for problem in (report.history, report.conversion):
+        if problem:
+            print(problem)
     if not report.ok:
-        s = "s" if len(report.damaged) > 1 else ""
-        raise StoreError(f"{report.store}: {len(report.damaged)} damaged data file{s} at version {report.version} "
-                         f"(of {report.fragments}); run `arccompress store repair {report.store}`")
+        s = "s" if len(report.damaged) != 1 else ""
+        indices = (f" and {len(report.indices)} damaged index(es)" if report.indices else "") + \
+            (", newer versions lost" if report.history else "") + (", a stopped conversion" if report.conversion else "")
+        raise StoreError(f"{report.store}: {len(report.damaged)} damaged data file{s}{indices} at version "
+                         f"{report.version} (of {report.fragments} data files); run `arccompress store repair "
+                         f"{report.store}`")
     print(f"{report.store}: version {report.version}, {report.fragments} data files, {report.rows:,} rows: every row "
           "reads and matches its checksum")
     return 0
@@ -80,7 +90,10 @@ def run_repair(args: argparse.Namespace) -> int:
     print(f"removed {files} damaged data file{'' if files == 1 else 's'} and {rows} damaged "
           f"row{'' if rows == 1 else 's'} (version {result['version']}); {len(ids)} ids to compute again (a resumed "
           "`arccompress compress` does)" +
-          (f", and {result['unknown_rows']} rows whose ids the index did not hold" if result["unknown_rows"] else ""))
+          (f", and {result['unknown_rows']} rows whose ids could not be read" if result["unknown_rows"] else "") +
+          (f"; rebuilt {len(report.indices)} damaged index(es)" if report.indices else ""))
+    if report.history:
+        print(f"not repaired (nothing can be): {report.history}")
     _print_ids(ids, "repair" if not args.ids_out else "")
     if args.ids_out:
         with open(args.ids_out, "w", encoding="utf-8") as f:

@@ -65,8 +65,10 @@ class StoreDatasink(Datasink):
         self._writer = ContextStore(self.store_path, storage_options=self.storage_options).fragment_writer()
 
     def write(self, blocks: Any, ctx: Any) -> list[dict[str, Any]]:
+        """Each block written as data files of its own: blocks handed to one task together (Ray's
+        `min_rows_per_write`) may repeat an id, which the commit stores once, as it does across tasks."""
         tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
-        return [self._writer.write(pa.concat_tables(tables)).to_row()] if tables else []
+        return [self._writer.write(t).to_row() for t in tables]
 
     def on_write_complete(self, write_result: Any) -> None:
         parts = [Written.from_row(row) for rows in write_result.write_returns for row in rows]

@@ -40,10 +40,12 @@ from .location import Location
 from .maintenance import VerifyReport, cleanup, compact, repair, verify
 from .manifest import Identity
 from .states import NewStore, OpenStore, older_format, store_exists
+from .table import StoreDamageWarning
 from .writer import (Batch, CommitResult, FragmentWriter, IdClashError, Queue, Written, batch_table, checked_rows,
                      context_batch, show)
 
-__all__ = ["CommitResult", "ContextStore", "FragmentWriter", "IdClashError", "VerifyReport", "Written", "row_schema"]
+__all__ = ["CommitResult", "ContextStore", "FragmentWriter", "IdClashError", "StoreDamageWarning", "VerifyReport",
+           "Written", "row_schema"]
 
 
 class ContextStore:
@@ -206,6 +208,10 @@ class ContextStore:
         if isinstance(keys, str):
             raise InputTypeError("get_many takes a list of ids; use store[id] for one")
         keys = list(keys)
+        for i, key in enumerate(keys):
+            if not isinstance(key, str):
+                raise InputTypeError(f"store ids are str, not {type(key).__name__} ({key!r} at position {i})")
+        device = _device(device)
         if not keys:
             return []
         with self._lock:
@@ -217,7 +223,8 @@ class ContextStore:
                 found |= self._state.read([k for k in unique if k not in found])
             missing = [k for k in unique if k not in found]
             if missing:
-                raise ContextNotFoundError(f"not in {self.location}: {show(missing)}")
+                damage = "".join(f"; {note}" for note in self._state.damage())
+                raise ContextNotFoundError(f"not in {self.location}: {show(missing)}{damage}")
             return self._decoded(found, keys, device, dtype)
 
     def contexts(self, rows: pa.Table, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
@@ -358,12 +365,13 @@ class ContextStore:
         keys, contexts = list(keys), list(contexts)
         if len(keys) != len(contexts):
             raise InputError(f"{len(keys)} ids for {len(contexts)} contexts")
-        for key in keys:
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
             if not isinstance(key, str) or not key:
-                raise InputTypeError(f"store ids must be non-empty str, not {key!r}")
+                raise InputTypeError(f"store ids must be non-empty str, not {key!r} (position {i})")
             check_text(key, f"store id {key[:40]!r}")
-        if len(set(keys)) != len(keys):
-            raise InputError(f"id {next(k for k in keys if keys.count(k) > 1)!r} is given twice")
+            if first.setdefault(key, i) != i:
+                raise InputError(f"id {key!r} is given twice: at positions {first[key]} and {i}")
         if not keys:
             return None
         state = self._state
@@ -540,6 +548,18 @@ class ContextStore:
         default), "bfloat16", "decoder-int8" or "decoder-pq"). A 0.2 or 0.3 store is copied with its own codec,
         its codes unchanged (0.2's rows gain their checksums), each id's row the one the old store read."""
         return convert(cls, Path(old), Location.of(new, storage_options), codec, kwargs)
+
+
+def _device(device: torch.device | str) -> torch.device:
+    """A torch device to read contexts onto, one this process has; InputError naming it otherwise."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device={device!r} is not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device={str(device)!r}, and this process has no CUDA device (torch.cuda.is_available() "
+                         "is False): read onto 'cpu'")
+    return device
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:

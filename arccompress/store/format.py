@@ -53,6 +53,18 @@ def row_schema() -> pa.Schema:
     return pa.schema(COLUMNS)
 
 
+def schema_problem(schema: pa.Schema) -> str | None:
+    """What keeps a dataset's columns from being a store's (a column missing, or of another type: large_string
+    where a store has string, as many Arrow writers make), None if nothing does. Other columns are the user's."""
+    for name, kind in COLUMNS:
+        if name not in schema.names:
+            return f"it has no {name!r} column (a store's columns: {', '.join(FIELDS)})"
+        found = schema.field(name).type
+        if found != kind:
+            return f"its column {name!r} is {found}, a store's is {kind}"
+    return None
+
+
 # ---------------------------------------------------------------------------- row checksums
 
 

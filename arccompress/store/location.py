@@ -169,6 +169,16 @@ class Location:
             local.write_bytes(data)
             self.files().upload_file(local, name)
 
+    def read_whole(self, name: str) -> bytes | None:
+        """A small file under the store, whole (None if it is not there)."""
+        with tempfile.TemporaryDirectory(prefix="arccompress-") as tmp:
+            local = Path(tmp) / "download"
+            try:
+                self.files().download_file(name, local)
+            except OSError:
+                return None
+            return local.read_bytes()
+
     def read_file(self, name: str, size: int) -> bytes:
         """The `size` bytes of the file `name` under the store."""
         return self.files().read_range(name, 0, size)

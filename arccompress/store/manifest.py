@@ -162,9 +162,28 @@ class Manifest:
                      "codec_bytes": len(blob)}
         return cls(data, codec, space, identity, heads), blob
 
-    def metadata(self) -> dict[bytes, bytes]:
+    def metadata(self) -> dict[str, str]:
         """The description as a Lance schema's metadata."""
-        return {METADATA_KEY: json.dumps(self.data, ensure_ascii=False).encode()}
+        return self.of_data(self.data)
+
+    @staticmethod
+    def of_data(data: dict[str, Any]) -> dict[str, str]:
+        """A description as a Lance schema's metadata."""
+        return {METADATA_KEY.decode(): json.dumps(data, ensure_ascii=False)}
+
+
+CONVERTED_FROM = "converted_from"  # in a converted store's description: {"store": the old one, "complete": bool}
+
+
+def unfinished(description: dict[str, Any]) -> str | None:
+    """The old store a conversion into this store started from and did not finish (None: not a stopped one)."""
+    source = description.get(CONVERTED_FROM)
+    return source["store"] if isinstance(source, dict) and not source.get("complete") else None
+
+
+def unfinished_advice(new: Location, old: str) -> str:
+    return (f"{new} is a conversion of {old} that stopped part-way (it holds part of it): run `arccompress convert "
+            f"{old} {new}` again to finish it")
 
 
 def _codec(data: dict[str, Any], identity: Identity, where: str) -> tuple[Codec, Space]:

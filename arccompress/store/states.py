@@ -8,6 +8,7 @@ rows, a reader and commits.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,13 +21,13 @@ from .codec import PQ_MIN_TRAIN, Codec, parse_codec
 from ..context import CompressedContext
 from ..errors import CodecError, InputError, StoreError
 from ..heads import DecoderHead
-from .format import CODEC_FOLDER, LANCE_FILE_VERSION, row_schema
+from .format import CODEC_FOLDER, LANCE_FILE_VERSION, row_schema, schema_problem
 from .location import LANCE_ERRORS, Location
 from .maintenance import settle
-from .manifest import Identity, Manifest
+from .manifest import Identity, Manifest, unfinished, unfinished_advice
 from .reader import Reader
 from .spaces import SPACES
-from .table import StoreTable
+from .table import StoreDamageWarning, StoreTable, lost_versions, open_failure
 from .writer import CommitResult, FragmentWriter, IdClashError, Queue, RowRules, commit_rows, context_batch
 
 T = TypeVar("T")
@@ -163,6 +164,9 @@ class NewStore:
     def count(self) -> int:
         return 0
 
+    def damage(self) -> list[str]:
+        return []
+
     def read(self, keys: list[str]) -> dict[str, tuple[dict[str, Any], torch.Tensor]]:
         return {}
 
@@ -184,10 +188,10 @@ class NewStore:
         `train_size` vectors), or None while a pq store waits for enough vectors."""
         trained_on = None
         if self.codec.needs_training:  # type: ignore[union-attr]
-            vectors = queue.vectors()
-            if vectors.shape[0] < train_size and not explicit:
-                return None
-            trained_on = train_codebook(self.codec, vectors, train_size, self.location)  # type: ignore[arg-type]
+            if queue.num_vectors < train_size and not explicit:
+                return None  # counted, not gathered: a queue growing one context at a time stays linear
+            trained_on = train_codebook(self.codec, queue.vectors(), train_size,  # type: ignore[arg-type]
+                                        self.location)
         return self._create(trained_on)
 
     def create(self) -> OpenStore:
@@ -275,7 +279,7 @@ def store_exists(location: Location) -> bool:
     except LANCE_ERRORS as e:
         if location.absent(e):
             return False
-        raise location.error("open the store", e) from None
+        raise open_failure(location, e) from None
     return True
 
 
@@ -298,6 +302,16 @@ class OpenStore:
              head: int | str | None, version: int | None) -> OpenStore:
         table = StoreTable.open(location, version)
         manifest = Manifest.read(location, table.ds.schema.metadata)
+        problem = schema_problem(table.ds.schema)
+        if problem:
+            raise StoreError(f"{location} is not a context store of format 4: {problem}")
+        source = unfinished(manifest.data)
+        if source is not None:
+            warnings.warn(unfinished_advice(location, source), StoreDamageWarning, stacklevel=4)
+        lost = None if version is not None else lost_versions(location, table.version)
+        if lost:
+            warnings.warn(f"{location}: {lost}; `arccompress store verify` lists it", StoreDamageWarning,
+                          stacklevel=4)
         label = manifest.codec.label
         if codec is not None:
             space, quantizer = parse_codec(codec)
@@ -362,6 +376,10 @@ class OpenStore:
 
     def count(self) -> int:
         return self.current(lambda t: t.count())
+
+    def damage(self) -> list[str]:
+        """The damage reads of this version went around (a damaged index, data files whose ids are unknown)."""
+        return sorted(self.table.notes)
 
     def read(self, keys: list[str]) -> dict[str, tuple[dict[str, Any], torch.Tensor]]:
         return self.current(lambda t: self.reader.read(t, keys))

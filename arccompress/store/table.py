@@ -7,13 +7,20 @@ every later version reads the same row for it. A later row of the same id (a wri
 `writer`) is shadowed: never read, not counted, deleted by its writer and dropped by compaction.
 
 Finding an id's row is a B-tree index lookup (fragments written since the index was last brought up to date are
-scanned). A data file that is missing or damaged fails the query; the query is then made fragment by fragment,
-so that only the ids that may be in that file raise a StoreError naming it, and every other id reads.
+scanned). A damaged file fails the query. If the query succeeds without the index, the index is damaged: ids are
+found by scanning (a warning) until `repair` rebuilds it. Otherwise a data file is: the query is made fragment by
+fragment, ids in the damaged file (read from its id column alone, or from the index) raise a StoreError naming
+it, and every other id reads. When neither can say which ids a damaged file held, it is taken to hold none of
+those found elsewhere and an id found nowhere is absent (a warning names the file): readers are not blocked,
+writers may store such an id again (first in every readable version), and a resumed corpus job computes the
+ids it held again after `repair` drops it. (Restoring such a file after that would bring its rows back first.)
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import StoreError
-from .format import ID_INDEX
+from .format import COLUMNS, ID_INDEX
 from .location import LANCE_ERRORS, Location, cause, explain
 
 QUERY_KEYS = 4096  # ids per index query
@@ -49,13 +56,78 @@ def open_dataset(location: Location, version: int | None = None) -> lance.LanceD
         if version is not None and "not found" in str(e).lower() and "version" in str(e).lower():
             raise StoreError(f"{location}: no version {version} (cleaned up, or never written; see "
                              "ContextStore.versions())") from None
-        raise location.error(f"open the store{'' if version is None else f' at version {version}'}", e) from None
+        if version is not None:
+            raise location.error(f"open the store at version {version}", e) from None
+        raise open_failure(location, e) from None
+
+
+def open_failure(location: Location, error: BaseException) -> StoreError:
+    """The latest version does not open: why, in the user's terms (a damaged newest manifest named)."""
+    return location.error("open the store", error,
+                          "" if explain(error)[0] is not None else newest_manifest_damage(location))
+
+
+MAX_U64 = (1 << 64) - 1
+
+
+def manifest_versions(location: Location) -> dict[int, str]:
+    """Version -> its manifest file (`_versions/`), from the file names: Lance names them `<version>.manifest`, or
+    (its newer naming, listing newest first) `<2^64 - 1 - version>.manifest`."""
+    try:
+        names = location.files().list("_versions")
+    except LANCE_ERRORS:
+        return {}
+    out = {}
+    for name in names:
+        stem = name.rsplit("/", 1)[-1].removesuffix(".manifest")
+        if stem.isdigit():
+            number = int(stem)
+            out[MAX_U64 - number if number > 1 << 63 else number] = name
+    return out
+
+
+def newest_manifest_damage(location: Location) -> str:
+    """Why the latest version does not open, if its manifest is damaged (cut short, changed) and the previous one
+    opens: what to say, naming both; "" otherwise."""
+    versions = manifest_versions(location)
+    if len(versions) < 2:
+        return ""
+    newest, previous = sorted(versions)[-2:][::-1]
+    try:
+        lance.dataset(location.lance(), version=previous, storage_options=location.storage_options)
+    except LANCE_ERRORS:
+        return ""
+    return (f"; the newest manifest, {versions[newest]} (version {newest}), is damaged: version {previous} opens "
+            f"(ContextStore(..., version={previous}), read-only); restore that file from a copy, or move it aside "
+            f"to make version {previous} the latest (the commit of version {newest} is then lost)")
+
+
+def lost_versions(location: Location, latest: int) -> str | None:
+    """What is wrong if versions newer than `latest` were committed and their manifests are gone (deleted: the store
+    rolled back without a word), from Lance's hint file, which names the newest version committed; None if not."""
+    hint = location.read_whole("_versions/latest_version_hint.json")
+    try:
+        hinted = int(json.loads(hint)["version"]) if hint else 0
+    except (ValueError, KeyError, TypeError):
+        return None
+    if hinted <= latest or max(manifest_versions(location), default=0) >= hinted:  # a commit landed meanwhile
+        return None
+    gone = f"the manifest of version {hinted} is" if hinted == latest + 1 else \
+        f"the manifests of versions {latest + 1} to {hinted} are"
+    return (f"version {hinted} was committed (_versions/latest_version_hint.json) but the newest manifest is "
+            f"version {latest}: {gone} gone, and with them what those commits stored (restore the files from a copy "
+            "before anyone commits; else a resumed corpus job computes their ids again)")
+
+
+class StoreDamageWarning(UserWarning):
+    """Damage a store's reads go around (the id index, a data file whose ids are unknown), or that opening it found
+    (newer versions whose manifests are gone, a conversion that stopped part-way): `verify` lists it."""
 
 
 @dataclass(frozen=True)
 class Damaged:
-    """A data file a query could not read: its fragment, file and what failed; `located` the ids the id index
-    places in it (None when the index does not cover it: any id may be there)."""
+    """A data file a query could not read: its fragment, file and what failed; `located` the asked ids it holds (None
+    when neither its id column nor the id index can say)."""
 
     fragment: int
     file: str
@@ -73,6 +145,7 @@ class StoreTable:
         self._pid = os.getpid()
         self._positions: dict[int, int] | None = None
         self._census: Census | None = None
+        self.notes: set[str] = set()  # damage reads went around (see `damage`)
 
     @classmethod
     def open(cls, location: Location, version: int | None = None) -> StoreTable:
@@ -93,15 +166,21 @@ class StoreTable:
 
     def latest(self) -> StoreTable:
         """The table at the latest version: this one if it is, else a new one (sharing Lance's caches)."""
+        latest = self.latest_version()
+        if latest == self.version:
+            return self
         try:
-            latest = self.ds.latest_version
-            if latest == self.version:
-                return self
             table = StoreTable(self.location, self.ds.checkout_version(latest))
         except LANCE_ERRORS as e:
             raise self.location.error("look for new versions", e) from None
         table._census = self._census  # counted incrementally from here
         return table
+
+    def latest_version(self) -> int:
+        try:
+            return self.ds.latest_version
+        except LANCE_ERRORS as e:
+            raise self.location.error("look for new versions", e) from None
 
     def at(self, dataset: lance.LanceDataset) -> StoreTable:
         """The table at the version of `dataset` (one this process just committed)."""
@@ -146,7 +225,7 @@ class StoreTable:
 
     def rows(self, keys: Sequence[str], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The row each key reads (its first in the dataset's order) as {column: value, "_rowaddr": address}; keys
-        with no row are left out. StoreError naming the file if a key's row may be in a damaged data file."""
+        with no row are left out. StoreError naming the file if a key's row is in a damaged data file."""
         out: dict[str, dict[str, Any]] = {}
         unique = list(dict.fromkeys(keys))
         columns = list(dict.fromkeys(["id", *columns]))
@@ -157,13 +236,14 @@ class StoreTable:
             except LANCE_ERRORS as e:
                 if explain(e)[0] is not None:  # the environment's failure (descriptors, access), not the files'
                     raise self.location.error("read the store", e) from None
-                table = self._scan_around_damage(chunk, columns)  # a damaged data file: which, and whom it concerns
+                table = self._scan_around_damage(chunk, columns)  # a damaged file: the index, or a data file
             out |= self._first(table)
         return out
 
-    def _scan(self, keys: list[str], columns: Sequence[str], fragments: list[Any] | None = None) -> pa.Table:
+    def _scan(self, keys: list[str], columns: Sequence[str], fragments: list[Any] | None = None,
+              indexed: bool = True) -> pa.Table:
         return self.ds.scanner(columns=list(columns), filter=in_filter("id", keys), with_row_address=True,
-                               fragments=fragments).to_table()
+                               fragments=fragments, use_scalar_index=indexed).to_table()
 
     def _first(self, table: pa.Table) -> dict[str, dict[str, Any]]:
         if not table.num_rows:
@@ -177,36 +257,74 @@ class StoreTable:
         return out
 
     def _scan_around_damage(self, keys: list[str], columns: Sequence[str]) -> pa.Table:
-        """The query fragment by fragment: the rows of readable ones; StoreError naming the damaged files and the
-        ids that are (or, where the index cannot say, may be) in them, before any healthier row of theirs."""
+        """The query without the id index, then fragment by fragment: the rows of readable data files; StoreError
+        naming the damaged files and the ids that are in them, before any healthier row of theirs.
+
+        A damaged index (every data file reads without it) is a warning: ids are found by scanning until `repair`
+        rebuilds it. A damaged data file whose ids cannot be read (neither its id column nor the index says) is
+        taken to hold none of the ids found in readable files, and an id found nowhere is absent: a warning names
+        the file (`verify`, then `repair`; a resumed corpus job computes the ids it held again)."""
+        try:
+            table = self._scan(keys, columns, indexed=False)
+        except LANCE_ERRORS:
+            table = None
+        if table is not None:
+            self.damage(f"the id index cannot be read (`arccompress store verify {self.location}` lists it; "
+                        "`repair` rebuilds it): ids are found by scanning every data file meanwhile")
+            return table
         found, damaged = [], []
         for fragment in self.fragments():
             try:
-                found.append(self._scan(keys, columns, [fragment]))
+                found.append(self._scan_fragment(keys, columns, fragment))
             except LANCE_ERRORS as e:
                 damaged.append(Damaged(fragment.fragment_id, data_file(fragment), cause(e),
                                        self._located(keys, fragment)))
-        table = pa.concat_tables(found) if found else pa.table({c: [] for c in [*columns, ADDRESS]})
+        if damaged and self.latest_version() != self.version:
+            raise StoreError(f"{self.location}: version {self.version} cannot be read: {damaged[0].file} is gone "
+                             f"({damaged[0].error}; cleaned up since, if the version is old: the latest is "
+                             f"{self.latest_version()}, see ContextStore.versions())")
+        table = pa.concat_tables(found) if found else empty_table([*columns, ADDRESS])
         rows = self._first(table)
         places = self.positions()
         hurt: dict[str, Damaged] = {}
         for key in keys:
             here = places.get(fragment_of(rows[key][ADDRESS]), len(places)) if key in rows else len(places)
             for d in damaged:
-                if places.get(d.fragment, -1) < here and (d.located is None or key in d.located):
+                if d.located is not None and places.get(d.fragment, -1) < here and key in d.located:
                     hurt[key] = d
                     break
         if hurt:
-            how = "are in" if all(d.located is not None for d in hurt.values()) else "may be in"
             files = "; ".join(sorted({f"{d.file} ({d.error})" for d in hurt.values()}))
             named = ", ".join(map(repr, list(hurt)[:5])) + (f" and {len(hurt) - 5} more" if len(hurt) > 5 else "")
-            raise StoreError(f"{self.location}: ids {named} {how} damaged data files: {files}; run "
+            raise StoreError(f"{self.location}: ids {named} are in damaged data files: {files}; run "
                              f"`arccompress store verify {self.location}`, then `repair`")
+        for d in damaged:
+            if d.located is None:
+                self.damage(f"{d.file} cannot be read ({d.error}) and its ids are unknown: ids not found may have "
+                            f"been there; run `arccompress store verify {self.location}`, then `repair` (a resumed "
+                            "corpus job computes them again)")
         return table
 
+    def _scan_fragment(self, keys: list[str], columns: Sequence[str], fragment: Any) -> pa.Table:
+        """The query in one fragment: through the id index, else (the index damaged) by scanning it."""
+        try:
+            return self._scan(keys, columns, [fragment])
+        except LANCE_ERRORS:
+            return self._scan(keys, columns, [fragment], indexed=False)
+
+    def damage(self, note: str) -> None:
+        """Warn, once per version and note, of damage reads go around."""
+        if note not in self.notes:
+            self.notes.add(note)
+            warnings.warn(f"{self.location}: {note}", StoreDamageWarning, stacklevel=2)
+
     def _located(self, keys: list[str], fragment: Any) -> frozenset[str] | None:
-        """Which of `keys` the id index places in `fragment`, asked without reading its data file; None when the
-        index does not cover the fragment (any of them may be there)."""
+        """Which of `keys` a damaged fragment holds: from its id column alone (which may survive), else from the id
+        index (without reading the data file); None when neither can say."""
+        try:
+            return frozenset(self._scan(keys, ["id"], [fragment], indexed=False).column("id").to_pylist())
+        except LANCE_ERRORS:
+            pass
         if fragment.fragment_id not in self.indexed_fragments():
             return None
 
@@ -237,7 +355,7 @@ class StoreTable:
                                                  fragments=[fragment]).to_table())
                 except LANCE_ERRORS:
                     continue
-            table = pa.concat_tables(parts) if parts else pa.table({c: [] for c in [*columns, ADDRESS]})
+            table = pa.concat_tables(parts) if parts else empty_table([*columns, ADDRESS])
         return self.in_order(table)
 
     def visible(self, columns: Sequence[str]) -> pa.Table:
@@ -299,6 +417,12 @@ def first_of_each(ids: pa.ChunkedArray) -> pa.Array | None:
     mask = np.zeros(len(ids), dtype=bool)
     mask[first] = True
     return pa.array(mask)
+
+
+def empty_table(columns: Sequence[str]) -> pa.Table:
+    """No rows, with the store's column types (and row addresses')."""
+    types = dict(COLUMNS) | {ADDRESS: pa.uint64()}
+    return pa.schema([(c, types[c]) for c in columns]).empty_table()
 
 
 def index_segments(dataset: lance.LanceDataset) -> dict[str, list[tuple[str, set[int]]]]:

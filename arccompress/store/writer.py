@@ -175,11 +175,13 @@ class Queue:
     def __init__(self) -> None:
         self.batches: list[Batch] = []
         self._where: dict[str, tuple[int, int]] = {}  # id -> (batch, position)
+        self.num_vectors = 0  # of every queued context (counted: a pq store's queue waits for enough to train on)
 
     def add(self, batch: Batch) -> None:
         b = len(self.batches)
         self.batches.append(batch)
         self._where.update((key, (b, i)) for i, key in enumerate(batch.keys))
+        self.num_vectors += batch.vectors.shape[0]
 
     def __contains__(self, key: object) -> bool:
         return key in self._where
@@ -222,6 +224,7 @@ class Queue:
     def clear(self) -> None:
         self.batches.clear()
         self._where.clear()
+        self.num_vectors = 0
 
 
 # ---------------------------------------------------------------------------- rows from elsewhere
