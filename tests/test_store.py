@@ -382,6 +382,34 @@ def test_kill_9_loses_at_most_the_batch_in_flight(comp, tiny_dir, tmp_path):
     assert not list((path / "data").glob(".tmp-*"))  # dead writers' temporary files are swept
 
 
+def test_a_create_that_lance_commits_over_another_writers_store_is_undone(comp, contexts, tmp_path, monkeypatch):
+    """Met in a race of three writers creating one store: another writer created the store (and committed rows)
+    between Lance's existence check and this writer's create, and Lance committed the create as an overwrite on top
+    (it rebases an overwrite instead of failing): their rows were gone. Now the overwrite is undone (their version
+    restored) and this writer adds to their store."""
+    import lance
+
+    path = tmp_path / "raced"
+    real = lance.write_dataset
+    raced = []
+
+    def create_racing_another_writer(data, uri, *args, mode="create", **kwargs):
+        if mode != "create" or raced:
+            return real(data, uri, *args, mode=mode, **kwargs)
+        raced.append(uri)
+        with ContextStore(path, compressor=comp) as theirs:  # the other writer: creates the store, commits rows
+            theirs.add_many(["theirs-0", "theirs-1"], contexts[:2])
+        return real(data, uri, *args, mode="overwrite", **kwargs)  # what Lance's retry of this create amounts to
+
+    monkeypatch.setattr(lance, "write_dataset", create_racing_another_writer)
+    with ContextStore(path, compressor=comp) as ours:
+        ours.add_many(["ours-0"], contexts[2:3])
+    assert raced
+    store = ContextStore(path, compressor=comp)
+    assert sorted(store) == ["ours-0", "theirs-0", "theirs-1"]
+    assert torch.equal(store["theirs-1"].embeddings, ContextStore(path, compressor=comp).get("theirs-1").embeddings)
+
+
 def test_concurrent_writers_create_and_fill_one_store(comp, tiny_dir, tmp_path):
     path = tmp_path / "shared"
     procs = [writer(tmp_path, tiny_dir, path, k * 40, (k + 1) * 40) for k in range(3)]

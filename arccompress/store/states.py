@@ -262,6 +262,16 @@ def create_store(location: Location, manifest: Manifest, blob: bytes | None, com
         if "already exists" in str(e):
             raise FileExistsError(location.uri) from None
         raise location.error("create the store", e) from None
+    if dataset.version != 1:
+        # another writer created the store between Lance's check and its commit, and Lance committed this create
+        # as an overwrite on top of theirs (it rebases an overwrite rather than failing): their version comes back
+        # whole, and theirs is the store
+        try:
+            lance.dataset(location.lance(), version=dataset.version - 1,
+                          storage_options=location.storage_options).restore()
+        except LANCE_ERRORS as e:
+            raise location.error("undo a create that raced another writer's", e) from None
+        raise FileExistsError(location.uri)
     try:
         settle(dataset)
     except LANCE_ERRORS as e:  # the store exists; a writer's upkeep after its commit makes the indices
