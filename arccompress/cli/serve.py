@@ -31,6 +31,16 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--graceful-timeout", type=positive_int, default=300,
                    help="on SIGTERM, seconds the requests in flight may take to finish (default 300)")
     p.add_argument("--served-model-name", help="the model name clients use (default: the decoder's folder name)")
+    _add_engine_options(p)
+    _add_upstream_options(p)
+    _add_throughput_options(p)
+    _add_limit_options(p)
+    _add_ray_options(p)
+    p.set_defaults(run=run)
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The engine's options, passed to the backend."""
     g = p.add_argument_group("engine (passed to the backend)")
     g.add_argument("--quantization", help="transformers: 4bit or 8bit (bitsandbytes); vllm: 4bit "
                                           "(bitsandbytes in flight) or its own methods (awq, gptq, fp8, ...)")
@@ -42,6 +52,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     g.add_argument("--enforce-eager", action="store_true", help="vllm: no CUDA graphs / torch.compile")
     g.add_argument("--block-size", type=positive_int, help="vllm: positions per KV-cache block (prefix caching shares "
                                                             "whole blocks; default 16 on GPUs, 32 here on a CPU)")
+
+
+def _add_upstream_options(p: argparse.ArgumentParser) -> None:
+    """The upstreams: vLLM servers that generate, in front of which this server compresses."""
     g = p.add_argument_group("upstreams: vLLM servers that generate, in front of which this server compresses")
     g.add_argument("--upstream", action="append", metavar="URL",
                    help="a vLLM OpenAI server (http://host:port, with or without /v1) of the decoder, started with "
@@ -62,6 +76,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                    help="seconds between health probes of each upstream (default 5)")
     g.add_argument("--upstream-wait", type=non_negative, default=300.0,
                    help="seconds to wait at start for an upstream to answer (default 300)")
+
+
+def _add_throughput_options(p: argparse.ArgumentParser) -> None:
+    """Batching, the compression cache, the queue and the time a request may take."""
     g = p.add_argument_group("throughput and limits")
     g.add_argument("--batch-window-ms", type=positive_float, default=5.0,
                    help="how long concurrent requests' texts gather into one encoder call (default 5 ms)")
@@ -74,6 +92,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                    help="requests held at once (compressing, waiting or generating); past it 503 + Retry-After")
     g.add_argument("--request-timeout", type=positive_float,
                    help="seconds a request may run once its body arrived; past it, it is stopped (default: none)")
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    """The limits per request, each checked before the work it bounds."""
     g = p.add_argument_group("limits per request (each refused with a 4xx naming the field, before the work it bounds)")
     g.add_argument("--max-body-bytes", type=positive_int, default=16 << 20, help="request body size")
     g.add_argument("--max-json-values", type=positive_int, default=16384,
@@ -88,14 +110,16 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                         "decoder's context)")
     g.add_argument("--max-stop", type=positive_int, default=8, help="stop strings per request")
     g.add_argument("--max-stop-chars", type=positive_int, default=1024, help="characters per stop string")
+
+
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    """Ray Serve."""
     g = p.add_argument_group("Ray Serve")
     g.add_argument("--ray", action="store_true", help="run as a Ray Serve application (one engine per replica)")
     g.add_argument("--replicas", type=positive_int, default=1, help="--ray: replicas")
     g.add_argument("--gpus-per-replica", type=positive_float, help="--ray: GPUs per replica (default 1 if the "
                                                                    "cluster has GPUs)")
     g.add_argument("--address", help="--ray: the cluster to join (default: a new local one)")
-    p.set_defaults(run=run)
-
 
 def non_negative(text: str) -> float:
     """A finite number >= 0 (--cache-mib 0: no cache; --upstream-wait 0: no wait)."""
