@@ -279,7 +279,7 @@ def needs_only_vllm(block: Block) -> bool:
 
 def test_a_block_that_needs_something_says_what():
     """`# needs:` names one of a few things a reader can check they have."""
-    known = ("real weights", "a GPU", "a Ray cluster", "vllm", "network", "its own environment", "the Lance store",
+    known = ("real weights", "a GPU", "a Ray cluster", "vllm", "network", "its own environment", "your own data",
              "a store of an earlier version")
     for page in PAGES:
         for block in blocks(page):
