@@ -32,8 +32,12 @@ import torch
 from arccompress import Compressor, Generator
 from arccompress.compressor import padding_fraction, plan_batches
 from arccompress.encoder import ARCEncoder, EncoderConfig
-from arccompress.devices import synchronize
 from arccompress.tiny import byte_level_tokenizer
+
+try:
+    from arccompress.devices import synchronize
+except ImportError:  # bench_store.py runs format 3 with the package as it was (0.3), where it lived in runtime
+    from arccompress.runtime import synchronize
 
 ARC8 = EncoderConfig(dim=3072, n_layers=26, n_heads=24, n_kv_heads=8, head_dim=128, hidden_dim=8192, norm_eps=1e-5,
                      rope_theta=500000.0, vocab_size=128256, pooling_factor=8, num_decoders=1,
