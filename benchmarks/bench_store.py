@@ -4,6 +4,7 @@ dataset) measured in the same run.
 
     python benchmarks/bench_store.py                 # every part at full scale (a 1,000,000-context store)
     python benchmarks/bench_store.py --scale small   # toy sizes, to check the code
+    python benchmarks/bench_store.py --parts reads   # one part again; the others' figures stay as committed
 
 Format 3 runs the code of commit aacab70 (`git archive` of this repository into a temporary folder, in a
 subprocess with that folder first on the path); the same functions run on both formats (`--part` runs one in the
@@ -615,6 +616,9 @@ def load() -> str:
     return f"{one:.1f}/{five:.1f}/{fifteen:.1f}"
 
 
+ALL_PARTS = ("codecs", "reads", "writes", "concurrent", "commits")
+
+
 def run_part(args) -> None:
     """--part: one part of this benchmark in this process's arccompress (format 3's, when run_format3 asked)."""
     kwargs = json.loads(args.part_args or "{}")
@@ -629,20 +633,32 @@ def main() -> None:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--part-out", help=argparse.SUPPRESS)
     parser.add_argument("--part-args", help=argparse.SUPPRESS)
+    parser.add_argument("--parts", default=",".join(ALL_PARTS),
+                        help="the parts to run (comma-separated, of %(default)s); the others keep their figures from "
+                             "the results already in --out (rerunning a part on a quieter machine)")
     args = parser.parse_args()
     if args.part:
         return run_part(args)
+    parts = args.parts.split(",")
+    if unknown := set(parts) - set(ALL_PARTS):
+        parser.error(f"--parts: no part {', '.join(sorted(unknown))} (the parts: {', '.join(ALL_PARTS)})")
     torch.manual_seed(0)
     info = machine()
+    name = "store" if args.scale == "full" else "store-small"
     result = {"scale": args.scale, "machine": f"{info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, "
                                               f"torch {info['torch']}", "load": f"at start {load()}"}
-    name = "store" if args.scale == "full" else "store-small"
+    if set(parts) != set(ALL_PARTS):
+        kept = json.loads((Path(args.out) / f"{name}.json").read_text())
+        result = kept | {"load": f"{kept['load']}; {', '.join(parts)} rerun on {time.strftime('%Y-%m-%d')}: "
+                                 f"at start {load()}"}
     commits = {"format 3": 2_000, "format 4": 200_000} if args.scale == "full" else {"format 3": 200, "format 4": 2_000}
     with tempfile.TemporaryDirectory(prefix="arc-bench-store-") as work:
         work = Path(work)
         code = format3_code(work)
         for key, part in (("codecs", codec_table), ("reads", read_benchmark), ("writes", write_benchmark),
                           ("concurrent", concurrent_writers), ("commits", one_context_commits)):
+            if key not in parts:
+                continue
             step(key)
             if key in ("reads", "concurrent", "commits"):
                 kwargs = {fmt: {"commits": n} if key == "commits" else {} for fmt, n in commits.items()}

@@ -242,8 +242,18 @@ class StoreTable:
 
     def _scan(self, keys: list[str], columns: Sequence[str], fragments: list[Any] | None = None,
               indexed: bool = True) -> pa.Table:
-        return self.ds.scanner(columns=list(columns), filter=in_filter("id", keys), with_row_address=True,
-                               fragments=fragments, use_scalar_index=indexed).to_table()
+        """The rows of `keys` (`columns` and row addresses). Their addresses first (the id index, and the id column
+        of fragments it does not cover yet), then only those rows: one filtered scan of every column would read
+        each uncovered fragment whole (35 MB per 8,192 pq contexts at the released sizes)."""
+        found = self.ds.scanner(columns=["id"], filter=in_filter("id", keys), with_row_address=True,
+                                fragments=fragments, use_scalar_index=indexed).to_table()
+        if list(columns) == ["id"]:
+            return found
+        if not found.num_rows:
+            return empty_table([*columns, ADDRESS])
+        addresses = ", ".join(map(str, found.column(ADDRESS).to_pylist()))  # integers: nothing to quote
+        return self.ds.scanner(columns=list(columns), filter=f"{ADDRESS} IN ({addresses})", with_row_address=True,
+                               fragments=fragments).to_table()
 
     def _first(self, table: pa.Table) -> dict[str, dict[str, Any]]:
         if not table.num_rows:
