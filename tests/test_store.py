@@ -133,6 +133,17 @@ def test_int8_codes_are_computed_where_the_vectors_are_and_leave_them_alone():
         assert torch.equal(vectors, before)  # worked on a copy
 
 
+def test_pq_decodes_what_faiss_decodes():
+    """The pq lookup (a row of the flattened codebook per sub-quantizer) gives faiss's own reconstruction."""
+    torch.manual_seed(0)
+    codec = Codec("bottleneck", "pq", 64, 2.0)  # 16 sub-quantizers of 4 dimensions
+    codec.train(torch.randn(2000, 64))
+    x = torch.randn(37, 64)
+    codes = codec.encode(x)
+    expected = codec._quantizer().decode(codes)  # faiss's ProductQuantizer with the same centroids
+    assert np.array_equal(codec.decode(codes).numpy(), expected)
+
+
 EXACT_CODECS = ["float32", "bottleneck-float32", "encoder-float32"]
 
 

@@ -213,11 +213,13 @@ class Codec:
             scale = codes[:, self.dim:].contiguous().view(torch.float32)  # (n, 1)
             return values * scale
         assert self.codebook is not None
-        m = self.num_subquantizers
+        m, k = self.num_subquantizers, self.codebook.shape[1]
         # a table lookup in numpy: one thread (torch's indexing spreads a few hundred rows over its thread pool,
-        # 12 ms instead of 0.3 ms for a top-5 read on a busy 2-core machine)
-        book = self.codebook.numpy()
-        return torch.from_numpy(book[np.arange(m), codes.numpy()].reshape(n, self.dim))  # (n, M, dsub) -> (n, dim)
+        # 12 ms instead of 0.3 ms for a top-5 read on a busy 2-core machine), and one np.take of rows of the
+        # flattened codebook (M*K, dsub): 0.05 ms for 85 vectors where 2-D fancy indexing took 0.35 ms
+        rows = codes.numpy().astype(np.intp) + np.arange(m, dtype=np.intp) * k  # (n, M): sub-quantizer j's row
+        book = self.codebook.numpy().reshape(m * k, -1)
+        return torch.from_numpy(np.take(book, rows, axis=0).reshape(n, self.dim))  # (n, M, dsub) -> (n, dim)
 
 
 def import_faiss():
