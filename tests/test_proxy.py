@@ -37,8 +37,8 @@ else:
 from arccompress import Compressor, ContextStore, ContextText, Generator  # noqa: E402
 from arccompress.tiny import build_tiny_pair  # noqa: E402
 
-from .test_serve import (CHAT_TEMPLATE, DOCS, Server, chat_with_documents, doc_id, doc_text,  # noqa: E402
-                         free_port, wait_healthy)
+from .test_serve import (CHAT_TEMPLATE, DOCS, Server, chat_with_documents, doc_id, free_port,  # noqa: E402
+                         greedy_cases, wait_healthy)
 
 UPSTREAM_KEY = "upstream-key-456"
 TOPICS = [f"Topic {i}: the {w} of the valley is described in this passage, with its history and its people."
@@ -181,12 +181,7 @@ def reference(models):
 
 def test_the_proxy_gives_the_generators_greedy_text(client, reference):
     gen, store = reference
-    cases = [
-        (["Document: ", doc_text("loire"), "\nQuestion: How long is the Loire?\nAnswer:"],
-         ["Document: ", ContextText(DOCS["loire"]), "\nQuestion: How long is the Loire?\nAnswer:"]),
-        (["Document: ", doc_id("blanc"), " and ", doc_text("rhone", chunk_size=8), "\nAnswer:"],
-         ["Document: ", store["blanc"], " and ", ContextText(DOCS["rhone"], chunk_size=8), "\nAnswer:"]),
-    ]
+    cases = greedy_cases(store)
     for wire, parts in cases:
         expected = gen.generate(parts, max_new_tokens=24)
         got = client.completions.create(model="tiny", prompt=wire, max_tokens=24, temperature=0,

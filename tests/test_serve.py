@@ -143,9 +143,10 @@ def doc_id(key: str) -> dict:
     return {"type": "document", "id": key}
 
 
-def test_completions_give_the_generators_greedy_text(client, reference):
-    gen, store = reference
-    cases = [
+def greedy_cases(store) -> list[tuple[list, list]]:
+    """Prompts as the wire carries them (documents as text, as stored ids, chunked, text parts) and the same prompts
+    as the in-process Generator reads them: every backend's greedy text must equal the Generator's."""
+    return [
         (["Document: ", doc_text("loire"), "\nQuestion: How long is the Loire?\nAnswer:"],
          ["Document: ", ContextText(DOCS["loire"]), "\nQuestion: How long is the Loire?\nAnswer:"]),
         (["Document: ", doc_id("blanc"), "\nQuestion: How high?\nAnswer:"],
@@ -153,7 +154,11 @@ def test_completions_give_the_generators_greedy_text(client, reference):
         ([doc_id("paris"), " and ", doc_text("rhone", chunk_size=8), {"type": "text", "text": " rivers?"}],
          [store["paris"], " and ", ContextText(DOCS["rhone"], chunk_size=8), " rivers?"]),
     ]
-    for wire, parts in cases:
+
+
+def test_completions_give_the_generators_greedy_text(client, reference):
+    gen, store = reference
+    for wire, parts in greedy_cases(store):
         expected = gen.generate(parts, max_new_tokens=12)
         got = client.completions.create(model="tiny", prompt=wire, max_tokens=12, temperature=0)
         assert got.choices[0].text == expected

@@ -22,12 +22,12 @@ else:
     pytest.importorskip("vllm", reason="vllm is not installed here: .ci/run runs these tests in its vLLM environment")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from arccompress import Compressor, ContextStore, ContextText, Generator  # noqa: E402
+from arccompress import Compressor, ContextStore, Generator  # noqa: E402
 from arccompress.tiny import build_tiny_decoder, build_tiny_encoder  # noqa: E402
 
 from . import serve_hostile as hostile  # noqa: E402
 from .serve_fuzz import fuzz  # noqa: E402
-from .test_serve import DOCS, Server, doc_id, doc_text, metrics  # noqa: E402
+from .test_serve import DOCS, Server, doc_id, doc_text, greedy_cases, metrics  # noqa: E402
 
 HIDDEN = 256  # vLLM's CPU attention needs heads of 64
 CONTEXT = 4096
@@ -65,13 +65,7 @@ def test_vllm_service_gives_the_generators_greedy_text(client, models):
     comp = models["comp"]
     store = ContextStore(models["store"], compressor=comp)
     gen = Generator.from_pretrained(models["decoder"], compressor=comp)
-    cases = [
-        (["Document: ", doc_text("loire"), "\nQuestion: How long?\nAnswer:"],
-         ["Document: ", ContextText(DOCS["loire"]), "\nQuestion: How long?\nAnswer:"]),
-        (["Document: ", doc_id("blanc"), " and ", doc_text("rhone", chunk_size=8), "\nAnswer:"],
-         ["Document: ", store["blanc"], " and ", ContextText(DOCS["rhone"], chunk_size=8), "\nAnswer:"]),
-    ]
-    for wire, parts in cases:
+    for wire, parts in greedy_cases(store):
         expected = gen.generate(parts, max_new_tokens=12)
         got = client.completions.create(model="decoder", prompt=wire, max_tokens=12, temperature=0)
         assert got.choices[0].text == expected
