@@ -164,6 +164,7 @@ class DocumentQA:
         parts: list[Document | None] = [None] * len(passages)
         stored: list[tuple[int, str]] = []
         texts: list[tuple[int, str, str]] = []  # (place, text as given, text to compress)
+        held = self._held([i for p in passages if p.context is None for i in p.ids])
         for k, p in enumerate(passages):
             if p.context is not None:
                 if not self.local:
@@ -172,7 +173,7 @@ class DocumentQA:
                 self.engine.prompts.check_context(p.context, p.where)
                 parts[k] = p.context
                 continue
-            key = next((i for i in p.ids if self.store is not None and i in self.store), None)
+            key = next((i for i in p.ids if i in held), None)
             if key is not None:
                 stored.append((k, key))
                 continue
@@ -201,6 +202,14 @@ class DocumentQA:
             for k, key in stored:
                 self.engine.prompts.check_context(parts[k], f"{passages[k].where} (id {key!r}, read from the store)")
         return parts, len(stored)  # type: ignore[return-value]  # every place is filled
+
+    def _held(self, ids: list[str]) -> set[str]:
+        """Which of these ids the store holds: one lookup for all where the store can (ContextStore.missing)."""
+        if self.store is None or not ids:
+            return set()
+        if hasattr(self.store, "missing"):
+            return set(ids) - set(self.store.missing(ids))
+        return {i for i in ids if i in self.store}
 
     def prompt_parts(self, question: str, documents: list[Document], spec: PromptSpec) -> list[Part]:
         """The prompt: the paper's few-shot format (spec None), a template or a function."""

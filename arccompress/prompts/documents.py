@@ -61,7 +61,7 @@ def _read(refs: list[tuple[int, int, ContextRef]], store: ContextSource | None, 
         raise InputError(f"prompt {i}, part {j}: {ref} names a stored context, and this engine has no store: "
                          "pass store= when creating it")
     ids = list(dict.fromkeys(ref.id for _, _, ref in refs))
-    missing = [key for key in ids if key not in store]
+    missing = store.missing(ids) if hasattr(store, "missing") else [key for key in ids if key not in store]
     if missing:
         i, j, _ = next(place for place in refs if place[2].id == missing[0])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

@@ -16,7 +16,6 @@ upkeep at once conflict harmlessly: one of them gives way.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -33,13 +32,12 @@ from .format import (
     CHECKED,
     FIELDS,
     ID_INDEX,
-    METADATA_KEY,
     TEXT_INDEX,
     cont_added,
     row_checksum,
 )
 from .location import LANCE_ERRORS, Location, cause, explain
-from .manifest import unfinished, unfinished_advice
+from .manifest import description, unfinished, unfinished_advice
 from .table import (
     ADDRESS,
     StoreTable,
@@ -276,7 +274,7 @@ def verify(location: Location, bytes_per_vector: int, cont_stored: bool, version
                                          len(bad), [k for _, k in bad], [o for o, _ in bad]))
     report.indices = [f"index {c.index!r} on {c.column!r}: {c.problem}" for c in checks if c.problem]
     report.history = lost_versions(location, table.version)
-    source = unfinished(json.loads((table.ds.schema.metadata or {}).get(METADATA_KEY, b"{}")))
+    source = unfinished(description(table.ds.schema.metadata))
     report.conversion = None if source is None else unfinished_advice(location, source)
     return report
 
@@ -371,11 +369,9 @@ def repair(location: Location, report: VerifyReport) -> dict[str, Any]:
     """A new version without the damaged files and rows of `report` (and without later rows of their ids), so that
     every id reads or is absent; the ids to compute again (a resumed corpus job does), and how many rows of
     unknown ids were dropped."""
-    if report.ok:
+    if not report.damaged and not report.indices:  # whole; or lost versions, a stopped conversion: nothing to remove
         return {"version": report.version, "ids": [], "unknown_rows": 0}
     table = StoreTable.open(location)
-    if not report.damaged and not report.indices:  # lost versions, a stopped conversion: nothing to remove
-        return {"version": report.version, "ids": [], "unknown_rows": 0}
     if not report.damaged:
         return {"version": _rebuilt(location, table.ds).version, "ids": [], "unknown_rows": 0}
     present = {data_file(f): f for f in table.fragments()}

@@ -28,6 +28,11 @@ from .location import Location
 from .spaces import SPACES, Space
 
 
+def description(metadata: dict[bytes, bytes] | None) -> dict[str, Any]:
+    """The store's description in a Lance schema's metadata, unchecked ({} when there is none)."""
+    return json.loads((metadata or {}).get(METADATA_KEY, b"{}"))
+
+
 @dataclass(frozen=True)
 class Identity:
     """What made a store's contexts. In a store: 0 and "" mean unknown (a store made from decoder vectors alone);

@@ -33,9 +33,10 @@ from lance.fragment import FragmentMetadata, write_fragments
 from .codec import FLOAT_QUANTIZERS, Codec
 from ..context import CompressedContext, check_finite
 from ..errors import InputError, StoreError
-from .format import COLUMNS, FIELDS, METADATA_KEY, checksums, cont_added, row_schema
+from .format import COLUMNS, FIELDS, checksums, cont_added, row_schema
 from .location import LANCE_ERRORS, Location
 from .maintenance import after_commit, delete_rows
+from .manifest import description
 from .spaces import HeadOn, Space
 from .table import ADDRESS, StoreTable, fragment_of
 
@@ -348,7 +349,7 @@ def write_rows(location: Location, rows: pa.Table) -> Written:
 def latest_table(location: Location, table: StoreTable | None, store_id: str) -> StoreTable:
     """The store's latest version, checked to be the store the writer was made for."""
     table = table.latest() if table is not None else StoreTable.open(location)
-    found = json.loads((table.ds.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    found = description(table.ds.schema.metadata)
     if found.get("store_id") != store_id:
         raise StoreError(f"{location} now holds another store than the one this writer was opened for")
     return table
