@@ -42,9 +42,10 @@ from ..base import AsyncEngine, DecoderCard, Observer, Sampling
 from ..decoder_files import decoder_files
 from ..text import Delta, SequenceText
 from . import replies
-from .http import EventParser, EventStreamError, Wire, WireError, error_message, json_field, parse_json
+from .http import (EventParser, EventStreamError, Wire, WireError, authorization, error_message, json_field,
+                   parse_json)
 from .routing import ROUTINGS, AffinityKeys, Router, RowKinds, Upstream
-from .vllm_server import encode_prompt_embeds
+from .vllm_server import check_shape, encode_prompt_embeds
 
 import httpx  # after .http, which says how to install it when it is missing
 
@@ -79,10 +80,6 @@ def upstream_root(url: str) -> str:
         raise InputError(f"an upstream's URL must start with http:// or https://, not {url!r}")
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/").removesuffix("/v1"), "", ""))
-
-
-def authorization(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def upstream_health(root: str, api_key: str | None) -> str | None:
@@ -166,7 +163,6 @@ class AsyncVLLMFleet(AsyncEngine):
         for name, value in (("timeout", timeout), ("health_interval", health_interval)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise InputError(f"{name} must be a positive number of seconds, not {value!r}")
-        self.upstreams = upstreams
         self.router = Router(upstreams, load_factor=load_factor)
         self.prompts = prompts
         self.decoder = decoder
@@ -214,6 +210,11 @@ class AsyncVLLMFleet(AsyncEngine):
         fleet.watch = asyncio.create_task(fleet._watch())
         return fleet
 
+    @property
+    def upstreams(self) -> list[Upstream]:
+        """The upstreams, in the order given (the router's list)."""
+        return self.router.upstreams
+
     def __repr__(self) -> str:
         return f"AsyncVLLMFleet({self.upstreams}, model={self.model!r}, routing={self.routing!r})"
 
@@ -236,9 +237,7 @@ class AsyncVLLMFleet(AsyncEngine):
 
     def _request(self, rows: torch.Tensor, sampling: Sampling) -> tuple[bytes, bytes | None]:
         """The request's body (JSON bytes) and routing key: work for a thread, not for the event loop."""
-        if rows.dim() != 2 or rows.shape[1] != self.prompts.hidden_size or rows.shape[0] == 0:
-            raise InputError(f"prompt embeddings must be (positions, {self.prompts.hidden_size}), "
-                             f"not {list(rows.shape)}")
+        check_shape(rows, self.prompts.hidden_size, "the prompt")
         body = replies.request_body(self.model, {"prompt_embeds": encode_prompt_embeds(rows)}, sampling, sampling.n)
         body |= {"stream": True, "stream_options": {"include_usage": True}}
         return json.dumps(body, allow_nan=False).encode(), None if self.keys is None else self.keys.of(rows)

@@ -41,6 +41,11 @@ DEFAULT_MAX_BODY_BYTES = 32 << 20
 SNIPPET = 120  # characters of a bad answer quoted in an error
 
 
+def authorization(api_key: str | None) -> dict[str, str]:
+    """The header that carries an API key (none without one)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class WireError(EngineError):
     """A server that could not be reached, refused a request, or answered something unusable."""
 

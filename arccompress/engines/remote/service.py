@@ -24,7 +24,7 @@ from ...errors import InputTypeError
 from ...prompts import ContextRef, ContextText, Part, TokenIds
 from ..base import Completion, Engine, Sampling
 from . import replies
-from .http import DEFAULT_MAX_BODY_BYTES, Wire, WireError
+from .http import DEFAULT_MAX_BODY_BYTES, Wire, WireError, authorization
 
 
 class ServiceError(WireError):
@@ -46,8 +46,7 @@ class ServiceClient(Engine):
             raise InputTypeError(f"base_url must be a str, not {type(base_url).__name__}")
         base = base_url.rstrip("/")
         base = base if base.endswith("/v1") else f"{base}/v1"
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.wire = Wire(base, timeout=timeout, max_body_bytes=max_response_bytes, headers=headers,
+        self.wire = Wire(base, timeout=timeout, max_body_bytes=max_response_bytes, headers=authorization(api_key),
                          server="arccompress service", error=ServiceError)
         self.base_url = self.wire.base_url
         card = replies.choose_model(replies.model_cards(self.wire), model, self.base_url)

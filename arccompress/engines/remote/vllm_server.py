@@ -30,7 +30,7 @@ from ..base import Completion, DecoderCard, LocalEngine, Sampling, check_prompt_
 from ..decoder_files import decoder_files
 from ..text import cut_at_eos
 from . import replies
-from .http import DEFAULT_MAX_BODY_BYTES, Wire, WireError
+from .http import DEFAULT_MAX_BODY_BYTES, Wire, WireError, authorization
 
 
 class VLLMServerError(WireError):
@@ -42,6 +42,12 @@ def encode_prompt_embeds(tensor: torch.Tensor) -> str:
     buffer = io.BytesIO()
     torch.save(tensor.detach().cpu().contiguous(), buffer)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def check_shape(embeds: torch.Tensor, hidden_size: int, where: str) -> None:
+    """InputError unless `embeds` is one prompt's (positions, hidden_size) embeddings, with at least one position."""
+    if embeds.dim() != 2 or embeds.shape[1] != hidden_size or embeds.shape[0] == 0:
+        raise InputError(f"{where}: prompt embeddings must be (positions, {hidden_size}), not {list(embeds.shape)}")
 
 
 class VLLMClient(LocalEngine):
@@ -79,7 +85,7 @@ class VLLMClient(LocalEngine):
             raise InputTypeError(f"compressor must be a Compressor, not {type(compressor).__name__}")
         self.max_concurrency = replies.check_max_concurrency(max_concurrency)
         self.wire = Wire(base_url, timeout=timeout, max_body_bytes=max_response_bytes,
-                         headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+                         headers=authorization(api_key),
                          server="vLLM server", error=VLLMServerError)
         self.base_url = self.wire.base_url
         card = replies.choose_model(replies.model_cards(self.wire), model, self.base_url)
@@ -106,9 +112,7 @@ class VLLMClient(LocalEngine):
 
     def check(self, embeds: torch.Tensor, where: str) -> None:
         """What the client refuses to send: a wrong shape, NaN/infinity (lengths: against max_model_len)."""
-        if embeds.dim() != 2 or embeds.shape[1] != self.prompts.hidden_size or embeds.shape[0] == 0:
-            raise InputError(f"{where}: prompt embeddings must be (positions, {self.prompts.hidden_size}), "
-                             f"not {list(embeds.shape)}")
+        check_shape(embeds, self.prompts.hidden_size, where)
         check_finite(embeds, f"{where}: prompt embeddings")
 
     def _checked_rows(self, rows: list[torch.Tensor], sampling: Sampling) -> list[torch.Tensor]:
