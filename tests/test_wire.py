@@ -5,6 +5,7 @@ bounded time, and the client stays usable. No vLLM needed."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -12,10 +13,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from arccompress import Compressor, ContextText
 from arccompress.engines import VLLMClient, VLLMServerError
-from arccompress.engines.remote.http import EventParser, EventStreamError, Wire, WireError, json_field
+from arccompress.engines.remote.http import EventParser, EventStreamError, Wire, WireError, authorization, json_field
+from arccompress.engines.remote.vllm_server import check_shape
+from arccompress.errors import InputError
 
 MODELS = {"object": "list", "data": [{"id": "tiny", "object": "model", "max_model_len": 512}]}
 
@@ -328,3 +332,13 @@ def test_cli_ask_against_a_garbage_server_is_one_line(server, url, tiny_dir):
                           "--question", "q?", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and f"{url}/completions: the answer is not JSON" in out.stderr
+
+
+def test_prompt_embeddings_of_a_wrong_shape_are_refused_before_sending():
+    """One check for the vLLM client and the fleet: (positions, hidden), at least one position; the place named."""
+    check_shape(torch.zeros(3, 8), 8, "prompt 0")
+    for shape in [(3, 7), (0, 8), (8,), (1, 3, 8)]:
+        with pytest.raises(InputError, match=r"^prompt 2: prompt embeddings must be \(positions, 8\), not "
+                                             + re.escape(str(list(shape)))):
+            check_shape(torch.zeros(shape), 8, "prompt 2")
+    assert authorization("k") == {"Authorization": "Bearer k"} and authorization(None) == authorization("") == {}
